@@ -1,0 +1,30 @@
+"""Building the python-telegram-bot ``Application`` from the settings."""
+
+from __future__ import annotations
+
+from telegram.ext import Application, ApplicationBuilder
+
+from bot.config import Settings
+
+# Local mode has no token, yet the job queue (PTB's APScheduler integration) needs an
+# Application to run jobs with. This placeholder is never initialized, so nothing ever uses it
+# to reach Telegram.
+LOCAL_MODE_TOKEN = "0:local-mode-without-telegram"
+
+
+def build_application(settings: Settings) -> Application:
+    telegram = settings.telegram
+    builder: ApplicationBuilder = Application.builder().token(telegram.token or LOCAL_MODE_TOKEN)
+    if telegram.api_base_url:
+        base = telegram.api_base_url.rstrip("/")
+        builder = builder.base_url(base).base_file_url(_file_url(base))
+    if settings.local_mode:
+        builder = builder.updater(None)
+    # Updates run concurrently so that a slow command (a backup) never stalls the others.
+    return builder.concurrent_updates(True).build()
+
+
+def _file_url(base: str) -> str:
+    """``http://host:8081/bot`` serves files under ``http://host:8081/file/bot``."""
+    head, _, tail = base.rpartition("/")
+    return f"{head}/file/{tail}" if tail.startswith("bot") else f"{base}/file"

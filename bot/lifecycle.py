@@ -1,0 +1,166 @@
+"""The bot's lifecycle, written in the order it runs.
+
+Startup
+  1. SIGINT and SIGTERM are routed to a graceful shutdown.
+  2. Plugins start in order; the database plugin first (connect, migrate, validate). A plugin
+     that cannot start stops the process with exit status 1 and its reason in the log.
+  3. The job queue starts: scheduled health checks and backups run from here on.
+  4. Telegram mode: connect to the Bot API (retrying while it is unreachable), then take
+     updates. Local mode (no token): one log line says so; nothing talks to Telegram.
+
+Running, until a signal arrives.
+
+Shutdown, within ``[shutdown] timeout_seconds`` (9 s: under ``docker stop``'s 10 s grace)
+  1. Stop taking updates.
+  2. Let running handlers and jobs finish (a backup in progress completes); the job queue stops.
+  3. Plugins stop in reverse order; the database plugin last (flush, final backup, close).
+  4. Release the Bot API connection. Exit status 0.
+
+A second signal during shutdown is logged and otherwise ignored: stopping half-way could leave
+a half-written backup or a half-closed database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from telegram.error import InvalidToken, TelegramError
+
+from bot.host import Host
+from bot.plugin import Deadline, StartupError
+
+log = logging.getLogger("dbkeeper.lifecycle")
+EXIT_OK = 0
+EXIT_STARTUP_FAILED = 1
+TELEGRAM_RETRY_MAX_SECONDS = 60.0
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a shutdown request; later ones are only logged."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.signal_name: str | None = None
+        self.failed = False  # set when a fatal error (not a signal) requested the stop
+
+    def fail(self, reason: str) -> None:
+        log.error("%s", reason)
+        self.failed = True
+        self.event.set()
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._received, sig)
+
+    def uninstall(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+    def _received(self, sig: signal.Signals) -> None:
+        name = signal.Signals(sig).name
+        if self.event.is_set():
+            log.warning("received %s again: the graceful shutdown is already running", name)
+            return
+        self.signal_name = name
+        log.info("received %s: shutting down", name)
+        self.event.set()
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a request (at most ``timeout`` seconds); True if one arrived."""
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+async def run(host: Host) -> int:
+    """Run the host until SIGINT/SIGTERM; return the process exit status."""
+    stop = StopRequest()
+    stop.install()
+    try:
+        return await _run(host, stop)
+    finally:
+        stop.uninstall()
+
+
+async def _run(host: Host, stop: StopRequest) -> int:
+    settings = host.settings
+    # Startup 2: plugins, the database first.
+    try:
+        await host.start()
+    except StartupError as error:
+        log.error("startup failed: %s", error)
+        return EXIT_STARTUP_FAILED
+    # Startup 3: scheduled work.
+    await host.job_queue.start()
+    # Startup 4: Telegram, or say once that there is none.
+    telegram: asyncio.Task[None] | None = None
+    if host.telegram_enabled:
+        telegram = asyncio.create_task(_start_telegram(host, stop), name="dbkeeper-telegram")
+    else:
+        log.info(
+            "local mode: no Telegram token ([telegram] token or TELEGRAM_BOT_TOKEN), so chat "
+            "commands and Telegram alerts are off; the database plugin runs as usual"
+        )
+    log.info("dbkeeper is running; SIGINT or SIGTERM stops it gracefully")
+
+    await stop.event.wait()
+
+    deadline = Deadline.after(settings.shutdown.timeout_seconds)
+    log.info("shutdown: budget %.1fs", settings.shutdown.timeout_seconds)
+    if telegram is not None and not telegram.done():
+        telegram.cancel()  # still retrying to reach Telegram: give up, we are stopping
+    application = host.application
+    # Shutdown 1: stop taking updates.
+    if application.updater is not None and application.updater.running:
+        log.info("shutdown: stopping taking updates")
+        await application.updater.stop()
+    # Shutdown 2: running handlers and jobs finish; the job queue stops.
+    log.info("shutdown: waiting for running handlers and jobs")
+    if application.running:
+        await application.stop()
+    else:
+        await host.job_queue.stop(wait=True)
+    # Shutdown 3: plugins in reverse order, the database last.
+    await host.stop(deadline)
+    # Shutdown 4: the Bot API connection.
+    await application.shutdown()  # a no-op when it never connected
+    log.info("shutdown complete")
+    return EXIT_STARTUP_FAILED if stop.failed else EXIT_OK
+
+
+async def _start_telegram(host: Host, stop: StopRequest) -> None:
+    """Connect to the Bot API, retrying while it is unreachable, then take updates."""
+    application = host.application
+    delay = 1.0
+    while not stop.event.is_set():
+        try:
+            await application.initialize()
+            break
+        except InvalidToken:
+            stop.fail(
+                "startup failed: Telegram rejected the bot token; "
+                "check [telegram] token or TELEGRAM_BOT_TOKEN"
+            )
+            return
+        except TelegramError as error:
+            log.warning("cannot reach the Telegram Bot API (%s); retrying in %.0fs", error, delay)
+            if await stop.wait(delay):
+                return
+            delay = min(delay * 2, TELEGRAM_RETRY_MAX_SECONDS)
+    if stop.event.is_set():
+        return
+    log.info("connected to the Telegram Bot API as @%s", application.bot.username)
+    if application.updater is not None:
+        await application.updater.start_polling(error_callback=_log_polling_error)
+    await application.start()
+    log.info("taking updates from Telegram")
+
+
+def _log_polling_error(error: TelegramError) -> None:
+    log.warning("fetching updates from Telegram failed: %s; PTB retries", error)
