@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterable
 
 REDACTED = "[REDACTED]"
-_BOT_TOKEN = re.compile(r"\b\d{5,}:[A-Za-z0-9_-]{30,}")
+_BOT_TOKEN = re.compile(r"(?<![0-9])\d{5,}:[A-Za-z0-9_-]{30,}")
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s/]+)@")
 _NOISY_LOGGERS = {
     "httpx": logging.WARNING,  # logs request URLs, which contain the bot token

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -123,20 +123,54 @@ class MigrationHistory:
         direction: str,
         attempt: int,
         checksum: str | None,
+        started_at: datetime | None = None,
     ) -> int:
+        """Insert a "running" row (success NULL) for an attempt about to start."""
         result = connection.execute(
             insert(schema_migrations).values(
                 version=version,
                 description=description[:255],
                 direction=direction,
                 attempt=attempt,
-                started_at=utcnow(),
+                started_at=started_at or utcnow(),
                 checksum=checksum,
                 host=socket.gethostname()[:255],
                 pid=os.getpid(),
             )
         )
         return int(result.inserted_primary_key[0])
+
+    def insert_failed(
+        self,
+        connection: Connection,
+        *,
+        version: str,
+        description: str,
+        direction: str,
+        attempt: int,
+        checksum: str | None,
+        started_at: datetime,
+        execution_ms: int,
+        error: str,
+    ) -> None:
+        """Insert a complete row for a failed attempt whose "running" row could not be written."""
+        attempt_id = self.start(
+            connection,
+            version=version,
+            description=description,
+            direction=direction,
+            attempt=attempt,
+            checksum=checksum,
+            started_at=started_at,
+        )
+        self.finish(
+            connection,
+            attempt_id,
+            success=False,
+            execution_ms=execution_ms,
+            error=error,
+            finished_at=started_at + timedelta(milliseconds=execution_ms),
+        )
 
     def finish(
         self,
@@ -146,11 +180,17 @@ class MigrationHistory:
         success: bool,
         execution_ms: int,
         error: str | None = None,
+        finished_at: datetime | None = None,
     ) -> None:
         connection.execute(
             update(schema_migrations)
             .where(schema_migrations.c.id == attempt_id)
-            .values(finished_at=utcnow(), execution_ms=execution_ms, success=success, error=error)
+            .values(
+                finished_at=finished_at or utcnow(),
+                execution_ms=execution_ms,
+                success=success,
+                error=error,
+            )
         )
 
     def close_interrupted(self, connection: Connection) -> list[Attempt]:

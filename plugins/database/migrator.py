@@ -18,7 +18,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import TypedDict
 
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -38,7 +40,7 @@ from .errors import (
     describe_error,
     is_transient,
 )
-from .history import HISTORY_TABLE, Attempt, MigrationHistory, MigrationStats
+from .history import HISTORY_TABLE, Attempt, MigrationHistory, MigrationStats, utcnow
 from .locks import AdvisoryLock, FileLock, NoLock, SchemaLock, acquire
 from .models import metadata as bot_metadata
 from .schema_diff import describe_diffs
@@ -347,12 +349,7 @@ class Migrator:
             started = time.monotonic()
             with self._transaction(engine) as conn:
                 attempt_id = self.history.start(
-                    conn,
-                    version=revision.id,
-                    description=revision.description,
-                    direction="baseline",
-                    attempt=1,
-                    checksum=revision.checksum,
+                    conn, direction="baseline", attempt=1, **_row_fields(revision)
                 )
                 command.stamp(self._config(conn), revision.id)
                 self.history.finish(conn, attempt_id, success=True, execution_ms=_ms_since(started))
@@ -360,20 +357,30 @@ class Migrator:
             return revision
 
     def _apply(self, engine: Engine, revision: Revision, direction: str) -> AppliedStep:
-        """Run one revision up or down, retrying transient errors; raise on anything else."""
+        """Run one revision up or down, retrying transient errors; raise on anything else.
+
+        Each attempt first commits a "running" row, then runs the revision in a transaction of
+        its own that also completes the row. When even the first write is blocked (another
+        writer holds SQLite's lock), the failed attempt is written at the next chance instead.
+        """
         attempts = self.settings.retries
+        verb = "applying" if direction == "upgrade" else "reverting"
+        unrecorded: list[FailedAttempt] = []
         for attempt in range(1, attempts + 1):
-            with self._transaction(engine) as conn:
-                attempt_id = self.history.start(
-                    conn,
-                    version=revision.id,
-                    description=revision.description,
-                    direction=direction,
-                    attempt=attempt,
-                    checksum=revision.checksum,
-                )
-            started = time.monotonic()
+            started_at, started = utcnow(), time.monotonic()
+            attempt_id: int | None = None
             try:
+                with self._transaction(engine) as conn:
+                    for failure in unrecorded:
+                        self.history.insert_failed(conn, **failure)
+                    attempt_id = self.history.start(
+                        conn,
+                        direction=direction,
+                        attempt=attempt,
+                        started_at=started_at,
+                        **_row_fields(revision),
+                    )
+                unrecorded.clear()
                 with self._transaction(engine, immediate=True) as conn:
                     config = self._config(conn)
                     if direction == "upgrade":
@@ -385,33 +392,43 @@ class Migrator:
                         conn, attempt_id, success=True, execution_ms=_ms_since(started)
                     )
             except Exception as error:
-                elapsed = _ms_since(started)
-                reason = describe_error(error)
-                self._record_failure(engine, attempt_id, elapsed, reason)
-                verb = "applying" if direction == "upgrade" else "reverting"
-                if not is_transient(error):
+                elapsed, reason = _ms_since(started), describe_error(error)
+                transient = is_transient(error)
+                retrying = transient and attempt < attempts
+                if retrying:
+                    log.warning(
+                        "%s revision %s failed (attempt %d of %d, transient): %s; "
+                        "retrying in %.1fs",
+                        verb,
+                        revision.id,
+                        attempt,
+                        attempts,
+                        reason,
+                        self._backoff(attempt),
+                    )
+                failure = FailedAttempt(
+                    direction=direction,
+                    attempt=attempt,
+                    started_at=started_at,
+                    execution_ms=elapsed,
+                    error=reason,
+                    **_row_fields(revision),
+                )
+                if not self._record_failure(engine, attempt_id, failure):
+                    unrecorded.append(failure)
+                if not transient:
                     raise MigrationError(
                         f"{verb} revision {revision.label} failed: {reason}. The change was "
                         "rolled back and the database stays at the version before it; fix the "
                         "revision and start again (`dbkeeper db history` shows every attempt)."
                     ) from error
-                if attempt == attempts:
+                if not retrying:
                     raise MigrationError(
                         f"{verb} revision {revision.label} still failed after {attempts} "
                         f"attempts: {reason}. The database stays at the version before it; "
                         "start again once the database is free."
                     ) from error
-                delay = self._backoff(attempt)
-                log.warning(
-                    "%s revision %s failed (attempt %d of %d, transient): %s; retrying in %.1fs",
-                    verb,
-                    revision.id,
-                    attempt,
-                    attempts,
-                    reason,
-                    delay,
-                )
-                self._sleep(delay)
+                self._sleep(self._backoff(attempt))
                 continue
             log.info(
                 "%s %s in %d ms%s",
@@ -423,20 +440,29 @@ class Migrator:
             return AppliedStep(revision, direction, elapsed_ms, attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _record_failure(self, engine: Engine, attempt_id: int, elapsed: int, reason: str) -> None:
-        """Write the failure on a fresh transaction; a lock may still be in the way, so retry."""
-        for attempt in range(1, 4):
-            try:
-                with self._transaction(engine) as conn:
+    def _record_failure(
+        self, engine: Engine, attempt_id: int | None, failure: FailedAttempt
+    ) -> bool:
+        """Write a failed attempt on a fresh transaction, after the rollback; False if blocked."""
+        try:
+            with self._transaction(engine) as conn:
+                if attempt_id is None:
+                    self.history.insert_failed(conn, **failure)
+                else:
                     self.history.finish(
-                        conn, attempt_id, success=False, execution_ms=elapsed, error=reason
+                        conn,
+                        attempt_id,
+                        success=False,
+                        execution_ms=failure["execution_ms"],
+                        error=failure["error"],
                     )
-                return
-            except Exception as error:
-                if attempt == 3 or not is_transient(error):
-                    log.error("could not record the failed attempt: %s", describe_error(error))
-                    return
-                self._sleep(self._backoff(attempt))
+            return True
+        except Exception as error:
+            log.warning(
+                "could not record the failed attempt yet (%s); it is written at the next chance",
+                describe_error(error),
+            )
+            return False
 
     def _check_foreign_keys(self, conn: Connection) -> None:
         """SQLite migrations run with foreign keys off; refuse to commit rows that break them."""
@@ -579,6 +605,25 @@ class Migrator:
                 yield engine
             finally:
                 lock.release()
+
+
+class FailedAttempt(TypedDict):
+    version: str
+    description: str
+    checksum: str
+    direction: str
+    attempt: int
+    started_at: datetime
+    execution_ms: int
+    error: str
+
+
+def _row_fields(revision: Revision) -> dict[str, str]:
+    return {
+        "version": revision.id,
+        "description": revision.description,
+        "checksum": revision.checksum,
+    }
 
 
 def _ms_since(started: float) -> int:

@@ -1,0 +1,115 @@
+"""Configuration: defaults, the file, environment overrides, one clear error per bad key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.config import ConfigError, describe_keys, load_settings, settings_from_mapping
+from tests.support.process import run_cli
+
+
+def test_no_file_means_built_in_defaults(tmp_path: Path) -> None:
+    settings = load_settings(tmp_path / "config.toml", environ={})
+    assert settings.source == "built-in defaults"
+    assert settings.database.url == "sqlite:///data/bot.db"
+    assert settings.database.retry_backoff_seconds == (1, 2, 3)
+    assert settings.health.interval_seconds == 300
+    assert (settings.health.http_host, settings.health.http_port) == ("127.0.0.1", 3001)
+    assert (settings.backup.keep, settings.backup.compression) == (7, "gzip")
+    assert settings.backup.compress_min_bytes == 1048576
+    assert settings.migrations.auto_upgrade is True
+    assert settings.local_mode
+
+
+def test_values_from_file_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "bot.toml"
+    path.write_text(
+        '[telegram]\nadmin_ids = [11, 22]\n[backup]\nkeep = 3\ncompression = "zstd"\n'
+        "[health]\ninterval_seconds = 1.5\n"
+    )
+    settings = load_settings(
+        path,
+        environ={"TELEGRAM_BOT_TOKEN": "42:secret", "DATABASE_URL": "postgres://u:pw@h/db"},
+    )
+    assert settings.telegram.admin_ids == (11, 22)
+    assert settings.backup.keep == 3 and settings.backup.compression == "zstd"
+    assert settings.health.interval_seconds == 1.5
+    assert settings.telegram.token == "42:secret" and not settings.local_mode
+    assert settings.database.url == "postgres://u:pw@h/db"
+    assert set(settings.secrets()) == {"42:secret", "pw"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"databse": {}}, "unknown section [databse]"),
+        ({"database": {"urll": "x"}}, "unknown key [database] urll"),
+        ({"backup": {"keep": "7"}}, '[backup] keep: expected an integer, got "7"'),
+        ({"backup": {"keep": True}}, "[backup] keep: expected an integer, got true"),
+        ({"backup": {"on_shutdown": 1}}, "[backup] on_shutdown: expected true or false, got 1"),
+        ({"telegram": {"admin_ids": 5}}, "[telegram] admin_ids: expected a list of an integer"),
+        ({"telegram": {"admin_ids": [1, "x"]}}, "[telegram] admin_ids: expected an integer"),
+        ({"backup": {"keep": 0}}, "[backup] keep = 0: must be at least 1"),
+        ({"backup": {"interval_seconds": -5}}, "[backup] interval_seconds = -5: must be greater"),
+        ({"health": {"interval_seconds": 0}}, "[health] interval_seconds = 0: must be greater"),
+        ({"health": {"http_port": 70000}}, "[health] http_port = 70000: must be a TCP port"),
+        ({"backup": {"compression": "xz"}}, '[backup] compression = "xz": must be one of'),
+        ({"database": {"retry_backoff_seconds": []}}, "retry_backoff_seconds = []: must list"),
+        ({"database": {"connect_retries": 0}}, "[database] connect_retries = 0: must be at least"),
+        ({"database": {"url": "mysql://u@h/d"}}, '[database] url = "mysql://u@h/d": uses'),
+        ({"telegram": {"api_base_url": "ftp://x"}}, "[telegram] api_base_url"),
+        ({"logging": {"level": "LOUD"}}, "[logging] level"),
+        ({"telegram": "token"}, "[telegram] must be a table"),
+    ],
+)
+def test_bad_values_name_the_key(raw: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping(raw, environ={})
+    assert expected in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_errors_never_show_secrets() -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"database": {"url": "mysql://bot:hunter2@db/x"}}, environ={})
+    assert "hunter2" not in str(caught.value) and "***" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"telegram": {"token": 123456789}}, environ={})
+    assert "123456789" not in str(caught.value)
+
+
+def test_environment_errors_name_the_variable() -> None:
+    with pytest.raises(ConfigError, match="environment: DATABASE_URL"):
+        settings_from_mapping({}, environ={"DATABASE_URL": "oracle://x"})
+
+
+def test_invalid_toml_and_missing_explicit_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[backup\nkeep = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad, environ={})
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load_settings(tmp_path / "missing.toml", environ={}, required=True)
+
+
+def test_example_config_lists_every_key_with_its_default() -> None:
+    example = (Path(__file__).resolve().parents[1] / "config.example.toml").read_text()
+    import tomllib
+
+    parsed = tomllib.loads(example)
+    for section, key, default, _ in describe_keys():
+        assert key in parsed[section], f"config.example.toml lacks [{section}] {key}"
+        value = parsed[section][key]
+        expected = list(default) if isinstance(default, tuple) else default
+        assert value == expected, f"[{section}] {key}: example says {value!r}, default {default!r}"
+    settings_from_mapping(parsed, environ={})  # and the example itself loads
+
+
+def test_cli_stops_with_one_line_naming_the_key(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("[backup]\nkeep = 0\n")
+    code, output = run_cli(["run"], cwd=tmp_path)
+    assert code == 2
+    assert output.strip() == "dbkeeper: config.toml: [backup] keep = 0: must be at least 1"
+    assert not (tmp_path / "data").exists()  # nothing was started
