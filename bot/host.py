@@ -41,6 +41,14 @@ class Host:
             raise RuntimeError("python-telegram-bot was installed without its job-queue extra")
         return job_queue
 
+    async def alert(self, text: str, *, key: str | None = None) -> None:
+        """Tell the admins about a problem (failed backup, failed migration, ...).
+
+        The health issue replaces this with the alerter (Telegram, or the log in local mode);
+        ``key`` groups repeats of the same problem.
+        """
+        log.warning("alert%s: %s", f" [{key}]" if key else "", text)
+
     def add(self, plugin: Plugin) -> None:
         self.plugins.append(plugin)
         plugin.setup(self)
