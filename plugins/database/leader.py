@@ -1,0 +1,223 @@
+"""Which of several bot instances on one database leads.
+
+The leader does what must happen once per database, not once per instance: scheduled backups,
+the shutdown backup, alerts, and (in polling mode) taking Telegram updates, since Telegram
+serves one ``getUpdates`` poller per token. Every instance keeps answering health requests and,
+in webhook mode, updates.
+
+The lock is the migration lock's sibling: a PostgreSQL session advisory lock on a connection of
+its own, or ``flock`` on a file beside a SQLite database. Both vanish with their holder, so a
+standby takes over at its next poll after the leader dies.
+
+Leadership is sticky through outages: a leader that cannot reach the database (a PostgreSQL
+restart) keeps leading until it learns that another instance holds the lock, so an outage is
+reported by one instance and resolved by one, not by none or by all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.pool import NullPool
+
+from .locks import ADVISORY_NAMESPACE, AdvisoryLock, FileLock, NoLock
+from .service import DatabaseService
+
+log = logging.getLogger("dbkeeper.leader")
+LEADER_LOCK_ID = 2
+LEADER_APPLICATION_NAME = "dbkeeper-leader "
+ChangeCallback = Callable[[bool], Awaitable[None]]
+
+
+def default_instance_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _PostgresLeaderLock(AdvisoryLock):
+    """The advisory lock, on a connection named after the instance so others can see who leads."""
+
+    def __init__(self, engine: Engine, instance: str) -> None:
+        super().__init__(engine, LEADER_LOCK_ID)
+        self.instance = instance
+
+    def alive(self) -> bool:
+        """Is our lock connection still there (and with it the lock)?"""
+        if self._connection is None:
+            return False
+        try:
+            self._connection.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            self._forget()
+            return False
+
+    def _forget(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.invalidate()
+                connection.close()
+            except Exception:  # the server is gone; nothing to clean up there
+                pass
+
+    def holder(self) -> str:
+        query = text(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.classid = :ns AND l.objid = :id AND l.objsubid = 2"
+        )
+        keys = {"ns": ADVISORY_NAMESPACE, "id": self.lock_id}
+        with self.engine.connect() as connection:
+            name = connection.execute(query, keys).scalar()
+        prefix = LEADER_APPLICATION_NAME
+        return name[len(prefix) :] if name and name.startswith(prefix) else (name or "")
+
+
+class _FileLeaderLock(FileLock):
+    def __init__(self, path: Path, instance: str) -> None:
+        super().__init__(path)
+        self.instance = instance
+
+    def try_acquire(self) -> bool:
+        if not super().try_acquire():
+            return False
+        assert self._fd is not None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, self.instance.encode(), 0)
+        return True
+
+    def alive(self) -> bool:
+        return self._fd is not None
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip()
+        except OSError:
+            return ""
+
+
+class Leadership:
+    """Campaigns for the leader lock, polls it, and reports changes."""
+
+    def __init__(
+        self,
+        database: DatabaseService,
+        *,
+        instance: str | None = None,
+        poll_seconds: float = 5.0,
+    ) -> None:
+        self.database = database
+        self.instance = instance or default_instance_name()
+        self.poll_seconds = poll_seconds
+        self.is_leader = False
+        self.leader: str | None = None  # the leading instance's name, as last seen
+        self._lock: _PostgresLeaderLock | _FileLeaderLock | NoLock | None = None
+        self._engine: Engine | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._listeners: list[ChangeCallback] = []
+        self._confirmed = True  # False while a leader cannot reach the database
+
+    def on_change(self, callback: ChangeCallback) -> None:
+        """Call ``callback(is_leader)`` whenever this instance gains or loses leadership."""
+        self._listeners.append(callback)
+
+    async def start(self) -> None:
+        """Campaign once now (so a lone instance leads from the start), then keep polling."""
+        self._lock = await asyncio.to_thread(self._make_lock)
+        await self.poll()
+        self._task = asyncio.create_task(self._run(), name="dbkeeper-leadership")
+
+    async def stop(self) -> None:
+        """Stop campaigning and hand the lock back so a standby takes over at once."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._lock is not None:
+            await asyncio.to_thread(self._release)
+        if self.is_leader:
+            log.info("%s stepped down as leader", self.instance)
+        self.is_leader = False
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    async def _run(self) -> None:
+        while True:
+            # A leader that lost its connection probes fast, so it gets its lock back before
+            # a standby (which polls at the normal pace) sees it free.
+            await asyncio.sleep(self.poll_seconds if self._confirmed else self.poll_seconds / 4)
+            try:
+                await self.poll()
+            except Exception:
+                log.exception("leader election poll failed")
+
+    async def poll(self) -> None:
+        """One round: confirm our lock, or try to take it; note who leads; report changes."""
+        was_leader = self.is_leader
+        is_leader, leader, confirmed = await asyncio.to_thread(self._campaign)
+        self.is_leader, self.leader, self._confirmed = is_leader, leader, confirmed
+        if is_leader != was_leader:
+            if is_leader:
+                log.info("%s is now the leader", self.instance)
+            else:
+                log.info("%s is no longer the leader; %s leads", self.instance, leader or "nobody")
+            for callback in self._listeners:
+                await callback(is_leader)
+
+    def _campaign(self) -> tuple[bool, str | None, bool]:
+        lock = self._lock
+        assert lock is not None
+        if isinstance(lock, NoLock):
+            return True, self.instance, True
+        if self.is_leader and lock.alive():
+            return True, self.instance, True
+        try:
+            if lock.try_acquire():
+                return True, self.instance, True
+            leader = lock.holder() or None
+        except Exception as error:  # the database is unreachable: keep whatever role we had
+            if self.is_leader:
+                log.warning("cannot confirm leadership (%s); still leading", type(error).__name__)
+            return self.is_leader, self.leader, False
+        return False, leader, True
+
+    def _release(self) -> None:
+        assert self._lock is not None
+        try:
+            self._lock.release()
+        except Exception:  # closing the session (or the process exiting) releases it anyway
+            log.debug("releasing the leader lock failed", exc_info=True)
+
+    def _make_lock(self) -> _PostgresLeaderLock | _FileLeaderLock | NoLock:
+        if self.database.dialect == "postgresql":
+            # Its own connection, named so that every instance can see who leads.
+            timeout = max(1, round(self.database.settings.connect_timeout_seconds))
+            self._engine = create_engine(
+                self.database.url,
+                poolclass=NullPool,
+                connect_args={
+                    "connect_timeout": timeout,
+                    "application_name": f"{LEADER_APPLICATION_NAME}{self.instance}"[:63],
+                },
+            )
+            return _PostgresLeaderLock(self._engine, self.instance)
+        if self.database.file is None:
+            return NoLock()
+        path = self.database.file.with_name(self.database.file.name + ".leader.lock")
+        return _FileLeaderLock(path, self.instance)
+
+
+def describe(leadership: Leadership | None) -> str:
+    """ "this instance (host:pid) leads" / "host:pid leads" for chat and health answers."""
+    if leadership is None:
+        return "single instance"
+    if leadership.is_leader:
+        return f"{leadership.instance} (this instance) leads"
+    return f"{leadership.leader or 'no instance'} leads; this is {leadership.instance}"
