@@ -3,36 +3,64 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
+from typing import Literal
 
 from telegram.ext import Application, JobQueue
 
+from bot.alerts import Alerter
 from bot.config import Settings
+from bot.health import HealthRegistry
+from bot.http_api import HealthServer
+from bot.logs import SECRETS
+from bot.metrics import Metrics
+from bot.monitor import HealthMonitor
 from bot.plugin import Deadline, Plugin, StartupError
+from bot.telegram_check import TelegramAPICheck
 
 log = logging.getLogger("dbkeeper.host")
+State = Literal["starting", "running", "stopping", "stopped"]
 
 
 class Host:
-    """Settings, the PTB application and its job queue, and the plugins.
+    """Settings, the PTB application and its job queue, the plugins, and the health side.
 
     Plugins start in the order given and stop in the reverse order, so the database plugin,
     given first, is ready before anything that needs it and closes after all of them.
+
+    Health: plugins add checks to ``health`` (the registry) in ``setup``; ``monitor`` runs
+    them, ``alerts`` tells the admins, ``metrics`` and ``http`` serve the results.
     """
 
     def __init__(
         self, settings: Settings, application: Application, plugins: Sequence[Plugin] = ()
     ) -> None:
+        SECRETS.add(*settings.secrets())  # redacted from every answer, message and log line
         self.settings = settings
         self.application = application
         self.plugins: list[Plugin] = []
         self._started: list[Plugin] = []
+        self.state: State = "starting"
+        self._born = time.monotonic()
+        self.health = HealthRegistry(timeout=settings.health.check_timeout_seconds)
+        self.monitor = HealthMonitor(self.health, settings.health)
+        self.alerts = Alerter(settings, application.bot if self.telegram_enabled else None)
+        self.monitor.add_listener(self.alerts.observe)
+        self.metrics = Metrics(self.monitor, self.alerts)
+        self.http = HealthServer(self)
+        if self.telegram_enabled:
+            self.health.add("telegram_api", TelegramAPICheck(application.bot))
         for plugin in plugins:
             self.add(plugin)
 
     @property
     def telegram_enabled(self) -> bool:
         return not self.settings.local_mode
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self._born
 
     @property
     def job_queue(self) -> JobQueue:
@@ -44,33 +72,49 @@ class Host:
     async def alert(self, text: str, *, key: str | None = None) -> None:
         """Tell the admins about a problem (failed backup, failed migration, ...).
 
-        The health issue replaces this with the alerter (Telegram, or the log in local mode);
-        ``key`` groups repeats of the same problem.
+        Returns at once: delivery (Telegram, or the log in local mode) happens in the
+        background. ``key`` groups repeats of the same problem: within
+        ``[health] alert_repeat_seconds`` only the first is sent.
         """
-        log.warning("alert%s: %s", f" [{key}]" if key else "", text)
+        await self.alerts.alert(text, key=key)
 
     def add(self, plugin: Plugin) -> None:
         self.plugins.append(plugin)
         plugin.setup(self)
 
     async def start(self) -> None:
-        """Start every plugin in order; if one fails, stop those already started and re-raise."""
-        for plugin in self.plugins:
-            try:
+        """HTTP API, then every plugin in order, then the health checks (the first one starts
+        at once, in the background).
+
+        The HTTP API binds first so that a port in use stops startup before any migration;
+        ``/readyz`` answers 503 until the plugins have started. If anything fails, what was
+        started is stopped again and the error re-raised.
+        """
+        try:
+            await self.http.start()
+            for plugin in self.plugins:
                 await plugin.start()
-            except BaseException:
-                await self.stop(Deadline.after(self.settings.shutdown.timeout_seconds))
-                raise
-            self._started.append(plugin)
+                self._started.append(plugin)
+            self.state = "running"
+            self.monitor.start(self.job_queue)
+        except BaseException:
+            await self.stop(Deadline.after(self.settings.shutdown.timeout_seconds))
+            raise
 
     async def stop(self, deadline: Deadline) -> None:
-        """Stop started plugins in reverse order; one failing does not keep the others running."""
+        """Health checks stop, plugins stop in reverse order, queued alerts are delivered
+        (until ``deadline``), and the HTTP API closes last."""
+        self.state = "stopping"
+        await self.monitor.stop()
         while self._started:
             plugin = self._started.pop()
             try:
                 await plugin.stop(deadline)
             except Exception:
                 log.exception("plugin %s did not stop cleanly", plugin.name)
+        await self.alerts.close(deadline)
+        await self.http.stop()
+        self.state = "stopped"
 
 
 __all__ = ["Host", "StartupError"]

@@ -2,19 +2,30 @@
 
 Startup
   1. SIGINT and SIGTERM are routed to a graceful shutdown.
-  2. Plugins start in order; the database plugin first (connect, migrate, validate). A plugin
-     that cannot start stops the process with exit status 1 and its reason in the log.
-  3. The job queue starts: scheduled health checks and backups run from here on.
-  4. Telegram mode: connect to the Bot API (retrying while it is unreachable), then take
-     updates. Local mode (no token): one log line says so; nothing talks to Telegram.
+  2. The health HTTP API binds ``[health] http_host:http_port``: a port in use stops the
+     process with exit status 1 before anything else happens. ``/livez`` answers from here on;
+     ``/readyz`` says "starting".
+  3. Plugins start in order; the database plugin first (connect, migrate, validate). A plugin
+     that cannot start stops the process with exit status 1 and its reason in the log (and in
+     an alert to the admins, delivered before the process exits).
+  4. The first health check starts (in the background: a slow check never holds startup);
+     the next ones are scheduled every ``[health] interval_seconds``. ``/readyz`` answers
+     from the checks from here on.
+  5. The job queue starts: scheduled health checks and backups run from here on.
+  6. Telegram mode: connect to the Bot API (retrying while it is unreachable), then take
+     updates. Local mode (no token): one log line says so; nothing talks to Telegram and
+     alerts go to the log.
 
 Running, until a signal arrives.
 
 Shutdown, within ``[shutdown] timeout_seconds`` (9 s: under ``docker stop``'s 10 s grace)
   1. Stop taking updates.
   2. Let running handlers and jobs finish (a backup in progress completes); the job queue stops.
-  3. Plugins stop in reverse order; the database plugin last (flush, final backup, close).
-  4. Release the Bot API connection. Exit status 0.
+  3. Health checks stop; ``/readyz`` says "stopping". Plugins stop in reverse order; the
+     database plugin last (flush, final backup, close).
+  4. Alerts still queued are delivered (until the deadline: a dead Bot API never holds the
+     exit); the HTTP API closes.
+  5. Release the Bot API connection (PTB cannot send after this). Exit status 0.
 
 A second signal during shutdown is logged and otherwise ignored: stopping half-way could leave
 a half-written backup or a half-closed database.
@@ -90,15 +101,16 @@ async def run(host: Host) -> int:
 
 async def _run(host: Host, stop: StopRequest) -> int:
     settings = host.settings
-    # Startup 2: plugins, the database first.
+    # Startup 2-4: the HTTP API, the plugins (the database first), the health checks.
     try:
         await host.start()
     except StartupError as error:
         log.error("startup failed: %s", error)
+        await _release_bot(host)
         return EXIT_STARTUP_FAILED
-    # Startup 3: scheduled work.
+    # Startup 5: scheduled work.
     await host.job_queue.start()
-    # Startup 4: Telegram, or say once that there is none.
+    # Startup 6: Telegram, or say once that there is none.
     telegram: asyncio.Task[None] | None = None
     if host.telegram_enabled:
         telegram = asyncio.create_task(_start_telegram(host, stop), name="dbkeeper-telegram")
@@ -126,10 +138,11 @@ async def _run(host: Host, stop: StopRequest) -> int:
         await application.stop()
     else:
         await host.job_queue.stop(wait=True)
-    # Shutdown 3: plugins in reverse order, the database last.
+    # Shutdown 3-4: health checks, plugins in reverse order (the database last), alerts, HTTP.
     await host.stop(deadline)
-    # Shutdown 4: the Bot API connection.
+    # Shutdown 5: the Bot API connection.
     await application.shutdown()  # a no-op when it never connected
+    await _release_bot(host)
     log.info("shutdown complete")
     return EXIT_STARTUP_FAILED if stop.failed else EXIT_OK
 
@@ -160,6 +173,12 @@ async def _start_telegram(host: Host, stop: StopRequest) -> None:
         await application.updater.start_polling(error_callback=_log_polling_error)
     await application.start()
     log.info("taking updates from Telegram")
+
+
+async def _release_bot(host: Host) -> None:
+    """Close the bot's HTTP client when an alert opened it but the application never did."""
+    if host.telegram_enabled:
+        await host.application.bot.shutdown()  # a no-op when it is not initialized
 
 
 def _log_polling_error(error: TelegramError) -> None:

@@ -1,0 +1,120 @@
+"""The health HTTP API (aiohttp), bound to ``[health] http_host:http_port``.
+
+- ``GET /health``, ``GET /api/health``: the contract's JSON; 200 healthy or degraded, 503
+  unhealthy (and 503 while starting, before the first check).
+- ``GET /livez``: the process and its event loop answer; never touches the database.
+- ``GET /readyz``: 200 once the plugins have started and the readiness checks (database
+  reachable, schema at head) are not unhealthy; 503 while starting, stopping or failing.
+- ``GET /metrics``: Prometheus text format.
+
+Health answers reuse a report younger than ``[health] http_cache_seconds``; otherwise one
+check runs and every request waiting meanwhile shares it. Messages are redacted when the
+checks produce them; the answers carry nothing else that could hold a secret.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from bot.health import HealthReport, Status
+from bot.plugin import StartupError
+
+if TYPE_CHECKING:
+    from bot.host import Host
+
+log = logging.getLogger("dbkeeper.http")
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+class HealthServer:
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.settings = host.settings.health
+        self.app = web.Application()
+        self.app.router.add_get("/health", self._health)
+        self.app.router.add_get("/api/health", self._health)
+        self.app.router.add_get("/livez", self._livez)
+        self.app.router.add_get("/readyz", self._readyz)
+        self.app.router.add_get("/metrics", self._metrics)
+        self._metrics_handler = host.metrics.handler()
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        """Listen; a port in use (or any bind error) stops startup naming the address."""
+        where = f"{self.settings.http_host}:{self.settings.http_port}"
+        runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
+            await site.start()
+        except OSError as error:
+            await runner.cleanup()
+            if error.errno == errno.EADDRINUSE:
+                reason = (
+                    f"port {self.settings.http_port} is already in use (another dbkeeper, or "
+                    "another program). Stop it, or set [health] http_port to a free port"
+                )
+            else:
+                reason = f"{error.strerror or error}. Check [health] http_host and http_port"
+            raise StartupError(f"the health HTTP API cannot listen on {where}: {reason}") from None
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        log.info(
+            "health HTTP API on http://%s:%d (/health, /livez, /readyz, /metrics)",
+            self.settings.http_host,
+            self.port,
+        )
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- handlers --------------------------------------------------------------------------
+
+    async def _report(self) -> HealthReport | None:
+        if self.host.state == "starting":
+            return None
+        return await self.host.monitor.latest(self.settings.http_cache_seconds)
+
+    async def _health(self, _request: web.Request) -> web.Response:
+        report = await self._report()
+        if report is None:
+            body: dict[str, Any] = {
+                "status": Status.UNHEALTHY.value,
+                "timestamp": round(time.time(), 3),
+                "uptime": round(self.host.uptime, 3),
+                "checks": {},
+                "message": "starting: the first health check has not run yet",
+            }
+            return web.json_response(body, status=503, headers=NO_STORE)
+        code = 503 if report.status is Status.UNHEALTHY else 200
+        return web.json_response(report.to_json(self.host.uptime), status=code, headers=NO_STORE)
+
+    async def _livez(self, _request: web.Request) -> web.Response:
+        body = {"status": "alive", "uptime": round(self.host.uptime, 3)}
+        return web.json_response(body, headers=NO_STORE)
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        if self.host.state != "running":
+            return web.json_response({"status": self.host.state}, status=503, headers=NO_STORE)
+        report = await self._report()
+        failing = {}
+        for name in self.host.health.readiness_names:
+            check = report.checks.get(name) if report is not None else None
+            if check is None or check.status is Status.UNHEALTHY:
+                failing[name] = check.message if check is not None else "not checked yet"
+        if failing:
+            body = {"status": "not ready", "checks": failing}
+            return web.json_response(body, status=503, headers=NO_STORE)
+        return web.json_response({"status": "ready"}, headers=NO_STORE)
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        await self._report()  # fresh enough, like /health
+        return await self._metrics_handler(request)

@@ -1,0 +1,395 @@
+"""The database plugin's health checks.
+
+==========================  ===============================================================
+``database``                a round trip: "Schema v3 | 4 tables | 1,234 records" (records
+                            are estimates; see ``probes``). Unhealthy when unreachable.
+``database_migrations``     "v3 (0 pending)"; unhealthy with pending or failed revisions.
+``database_integrity``      SQLite: the file header on every check, plus ``quick_check`` on
+                            every check up to ``[health] quick_check_max_mb`` and in the
+                            background every ``integrity_interval_seconds`` above it (the
+                            last result is reported). The full ``integrity_check`` runs on
+                            each new backup file instead. PostgreSQL: data checksum failures
+                            and connection health.
+``database_size``           degraded above ``[health] size_warning_mb``.
+``database_backups``        "7 backups | 45.23 MB"; degraded when there is none, the newest
+                            is older than twice ``[backup] interval_seconds``, or the last
+                            attempt failed.
+``disk_space``              degraded when the backup volume has less free space than the
+                            next backup needs.
+==========================  ===============================================================
+
+Blocking work runs off the event loop on a daemon thread per check, inside the database
+service's work gate (a restore waits for checks in progress). Not on the service's pool: a
+check stuck on a dead server must neither take a thread from the bot's queries nor delay the
+process exit. A check that has not answered by the next run is not started twice: the run
+reports it unhealthy ("still waiting") instead. On timeout a SQLite statement is interrupted;
+PostgreSQL waits are bounded by the probe's timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from sqlalchemy import Connection
+
+from bot.health import Outcome, Status, degraded, healthy, in_daemon_thread, unhealthy
+from bot.texts import MB, duration, megabytes
+
+from .errors import describe_error
+from .history import Attempt, MigrationStats
+from .probes import Interrupter, Overview, probe_for
+
+if TYPE_CHECKING:
+    from bot.host import Host
+
+    from .migrator import MigrationStatus
+    from .plugin import DatabasePlugin
+
+log = logging.getLogger("dbkeeper.database.health")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DatabaseStatistics:
+    """What ``/dbstats`` shows about the database itself (record counts are estimates)."""
+
+    status: MigrationStatus
+    migrations: MigrationStats
+    overview: Overview
+    size_bytes: float
+
+
+class StillWaiting(Exception):
+    """The previous run of a check is still waiting for the database."""
+
+
+@dataclass(frozen=True)
+class Scan:
+    """The last background ``quick_check`` (large SQLite databases)."""
+
+    outcome: Outcome
+    finished: float  # monotonic
+    seconds: float
+
+
+class DatabaseHealth:
+    def __init__(self, plugin: DatabasePlugin) -> None:
+        self.plugin = plugin
+        self.database = plugin.database
+        self.migrator = plugin.migrator
+        self.settings = plugin.settings.health
+        self.probe = probe_for(plugin.database, self.settings.check_timeout_seconds)
+        self.migration_seconds: dict[str, float] = {}  # revision -> its last upgrade's duration
+        self._waiting: dict[str, float] = {}  # check -> when its blocking work started
+        self._scan: Scan | None = None
+        self._scan_task: asyncio.Task[None] | None = None
+        self._scan_interrupter: Interrupter | None = None
+        self.background_scans = True  # False: report that the scan is left out (the CLI)
+
+    def register(self, host: Host) -> None:
+        from .metrics import DatabaseMetrics
+
+        host.health.add("database", self.check_database, readiness=True)
+        host.health.add("database_migrations", self.check_migrations, readiness=True)
+        host.health.add("database_integrity", self.check_integrity)
+        host.health.add("database_size", self.check_size)
+        host.health.add("database_backups", self.check_backups)
+        host.health.add("disk_space", self.check_disk_space)
+        host.health.on_close(self.close)
+        host.metrics.register(DatabaseMetrics(self, host.monitor))
+
+    # -- the checks ------------------------------------------------------------------------
+
+    async def check_database(self) -> Outcome:
+        try:
+            return await self._offload("database", self._database)
+        except Exception as error:
+            return unhealthy(f"cannot reach the database: {_reason(error)}")
+
+    async def check_migrations(self) -> Outcome:
+        try:
+            return await self._offload("database_migrations", self._migrations)
+        except Exception as error:
+            return unhealthy(f"cannot read the schema version: {_reason(error)}")
+
+    async def statistics(self) -> DatabaseStatistics:
+        """Schema, migrations, size and records per table, read as cheaply as the checks."""
+
+        def collect(connection: Connection) -> DatabaseStatistics:
+            return DatabaseStatistics(
+                status=self.migrator.status(connection),
+                migrations=self.migrator.history.stats(connection),
+                overview=self.probe.overview(connection),
+                size_bytes=self.probe.size_bytes(connection)["size_bytes"],
+            )
+
+        return await asyncio.wait_for(
+            self._offload("statistics", collect), self.settings.check_timeout_seconds
+        )
+
+    async def check_integrity(self) -> Outcome:
+        try:
+            outcome, size = await self._offload("database_integrity", self._integrity)
+        except Exception as error:
+            return unhealthy(f"cannot check integrity: {_reason(error)}")
+        if size is None:  # checked in this run (or nothing to scan)
+            return outcome
+        return self._background_scan_outcome(outcome, size)
+
+    async def check_size(self) -> Outcome:
+        try:
+            values = await self._offload("database_size", self.probe.size_bytes)
+        except Exception as error:
+            return unhealthy(f"cannot measure the database: {_reason(error)}")
+        size = values["size_bytes"]
+        limit = self.settings.size_warning_mb * MB
+        warning = f"{self.settings.size_warning_mb:g} MB"
+        if size > limit:
+            return degraded(
+                f"{megabytes(size)}, above the {warning} warning: archive or delete "
+                "old data, VACUUM, or raise [health] size_warning_mb",
+                values=values,
+            )
+        return healthy(f"{megabytes(size)} (warning above {warning})", values=values)
+
+    async def check_backups(self) -> Outcome:
+        backups = self.plugin.backups
+        try:
+            stats = await self._in_thread("database_backups", backups.stats)
+        except Exception as error:
+            return unhealthy(f"cannot list the backups: {_reason(error)}")
+        values: dict[str, float] = {"count": stats.count, "size_bytes": stats.total_bytes}
+        if stats.last_success_at is not None:
+            values["last_success_timestamp_seconds"] = stats.last_success_at.timestamp()
+        if stats.last_duration_seconds is not None:
+            values["last_duration_seconds"] = stats.last_duration_seconds
+        message = f"{_plural(stats.count, 'backup')} | {megabytes(stats.total_bytes)}"
+        problems = []
+        interval = self.plugin.settings.backup.interval_seconds
+        now = datetime.now(UTC)
+        if stats.newest is None:
+            problems.append("no backup yet")
+        else:
+            age = (now - stats.newest.created_at).total_seconds()
+            if age > 2 * interval:
+                problems.append(
+                    f"the newest is {duration(age)} old (one is due every {duration(interval)})"
+                )
+        if stats.last_failure is not None:
+            ago = duration((now - stats.last_failure.at).total_seconds())
+            problems.append(f"the last attempt failed {ago} ago: {stats.last_failure.error}")
+        unavailable = backups.engine.unavailable()
+        if unavailable is not None:
+            problems.append(unavailable)
+        if problems:
+            return degraded(" | ".join([message, *problems]), values=values)
+        return healthy(message, values=values)
+
+    async def check_disk_space(self) -> Outcome:
+        backups = self.plugin.backups
+        directory = Path(self.plugin.settings.backup.dir)
+        try:
+            needed, free = await self._in_thread(
+                "disk_space", lambda: (backups.estimate_next_bytes(), _free_bytes(directory))
+            )
+        except Exception as error:
+            return unhealthy(f"cannot measure the free space for backups: {_reason(error)}")
+        values = {"free_bytes": free, "needed_bytes": needed}
+        message = (
+            f"{megabytes(free)} free for backups in {directory} "
+            f"(the next one needs about {megabytes(needed)})"
+        )
+        if free < needed:
+            return degraded(f"not enough space: {message}", values=values)
+        return healthy(message, values=values)
+
+    # -- what they ask, on a worker thread ----------------------------------------------------
+
+    def _database(self, connection: Connection) -> Outcome:
+        started = time.perf_counter()
+        connection.exec_driver_sql("SELECT 1").scalar()
+        round_trip = time.perf_counter() - started
+        current = self.migrator.current(connection)
+        if current is None:
+            version = 0
+        elif current.isdigit():
+            version = int(current)
+        else:
+            version = self.migrator.status(connection).current_version
+        overview = self.probe.overview(connection)
+        return healthy(
+            f"Schema v{version} | {overview.tables} tables | {overview.records:,} records",
+            latency_ms=round_trip * 1000,
+            values={
+                "round_trip_seconds": round_trip,
+                "schema_version": version,
+                "tables": overview.tables,
+                "records": overview.records,
+            },
+        )
+
+    def _migrations(self, connection: Connection) -> Outcome:
+        status = self.migrator.status(connection)
+        attempts = self.migrator.history.attempts(connection, limit=200)  # newest first
+        latest: dict[str, Attempt] = {}
+        seconds: dict[str, float] = {}
+        for attempt in attempts:
+            latest.setdefault(attempt.version, attempt)
+            if attempt.direction == "upgrade" and attempt.success and attempt.execution_ms:
+                seconds.setdefault(attempt.version, attempt.execution_ms / 1000)
+        self.migration_seconds = seconds
+        pending = [revision.id for revision in status.pending]
+        failed = [
+            attempt
+            for version in pending
+            if (attempt := latest.get(version)) is not None and attempt.success is False
+        ]
+        values = {
+            "schema_version": status.current_version,
+            "head_version": status.head_version,
+            "pending": len(pending),
+            "failed": len(failed),
+        }
+        message = f"v{status.current_version} ({len(pending)} pending)"
+        if not pending:
+            return healthy(message, values=values)
+        message += f": {', '.join(pending)} (head v{status.head_version})"
+        for attempt in failed:
+            message += f"; {attempt.version} failed: {attempt.error}"
+        return unhealthy(message, values=values)
+
+    def _integrity(self, connection: Connection) -> tuple[Outcome, float | None]:
+        """The outcome now, and the size when the page scan is left to the background."""
+        if not self.probe.scans_pages:
+            return self.probe.integrity(connection, scan=False), None
+        size = self.probe.size_bytes(connection)["size_bytes"]
+        inline = size <= self.settings.quick_check_max_mb * MB
+        outcome = self.probe.integrity(connection, scan=inline)
+        return outcome, None if inline or outcome.status is Status.UNHEALTHY else size
+
+    # -- the background quick_check of a large SQLite database ----------------------------------
+
+    def _background_scan_outcome(self, header: Outcome, size: float) -> Outcome:
+        scan = self._scan
+        interval = self.settings.integrity_interval_seconds
+        due = scan is None or time.monotonic() - scan.finished >= interval
+        if due and (self._scan_task is None or self._scan_task.done()):
+            self._scan_task = asyncio.create_task(self._run_scan(), name="dbkeeper-quick-check")
+        if not self.background_scans:
+            return healthy(
+                f"{header.message}; quick_check not run: {megabytes(size)} is above "
+                f"[health] quick_check_max_mb (the running bot checks it in the background)"
+            )
+        cadence = f"{megabytes(size)}: checked in the background every {duration(interval)}"
+        if scan is None:
+            return healthy(f"{header.message}; quick_check running ({cadence})")
+        ago = duration(time.monotonic() - scan.finished)
+        return Outcome(scan.outcome.status, f"{scan.outcome.message} {ago} ago ({cadence})")
+
+    async def _run_scan(self) -> None:
+        interrupter = self._scan_interrupter = Interrupter()
+        started = time.monotonic()
+
+        def scan() -> Outcome:
+            with self.probe.connect(interrupter) as connection:
+                return self.probe.integrity(connection, scan=True)
+
+        try:
+            async with self.database.gate.enter():  # a restore waits for the scan to end
+                outcome = await in_daemon_thread(scan, "dbkeeper-quick-check")
+        except Exception as error:
+            if interrupter.fired:
+                return
+            outcome = unhealthy(f"quick_check failed: {_reason(error)}")
+        seconds = time.monotonic() - started
+        self._scan = Scan(outcome, time.monotonic(), seconds)
+        log.info("background quick_check: %s in %.1fs", outcome.message, seconds)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _offload(self, name: str, work: Callable[[Connection], T]) -> T:
+        """Run ``work(connection)`` on a fresh probe connection, off the event loop."""
+        interrupter = Interrupter()
+
+        def run() -> T:
+            with self.probe.connect(interrupter) as connection:
+                return work(connection)
+
+        return await self._guarded(name, self._through_gate(run), interrupter)
+
+    async def _through_gate(self, work: Callable[[], T]) -> T:
+        async with self.database.gate.enter():  # a restore waits for checks in progress
+            return await in_daemon_thread(work)
+
+    async def _in_thread(self, name: str, work: Callable[[], T]) -> T:
+        """Run ``work()`` (files, the backup store) off the event loop."""
+        return await self._guarded(name, in_daemon_thread(work))
+
+    async def _guarded(
+        self, name: str, work: Awaitable[T], interrupter: Interrupter | None = None
+    ) -> T:
+        """Await ``work`` for check ``name``, never twice at a time: while an abandoned run
+        still waits, later runs report that instead of occupying another thread."""
+        since = self._waiting.get(name)
+        if since is not None:
+            _discard(work)
+            raise StillWaiting(
+                f"still waiting for the previous check, started "
+                f"{duration(time.monotonic() - since)} ago"
+            )
+        self._waiting[name] = time.monotonic()
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(lambda done: self._finished(name, done))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if interrupter is not None:
+                interrupter.fire()  # timed out: free the thread (SQLite); PostgreSQL times out
+            raise
+
+    def _finished(self, name: str, task: asyncio.Future[object]) -> None:
+        self._waiting.pop(name, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: an abandoned check's error is not logged as lost
+
+    async def close(self) -> None:
+        """Stop the background scan (interrupting it) and release the probe's engine."""
+        if self._scan_task is not None and not self._scan_task.done():
+            if self._scan_interrupter is not None:
+                self._scan_interrupter.fire()
+            await asyncio.wait({self._scan_task}, timeout=self.settings.check_timeout_seconds)
+        await asyncio.to_thread(self.probe.dispose)
+
+
+def _discard(work: Awaitable[object]) -> None:
+    """Drop work that will not be awaited (a coroutine never started, a future cancelled)."""
+    if isinstance(work, Coroutine):
+        work.close()
+    elif isinstance(work, asyncio.Future):
+        work.cancel()
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _free_bytes(directory: Path) -> int:
+    """Free space where ``directory`` is, or will be once created."""
+    for candidate in (directory, *directory.resolve().parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return shutil.disk_usage("/").free  # pragma: no cover - "/" always exists
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, StillWaiting):
+        return str(error)
+    return describe_error(error, limit=400)

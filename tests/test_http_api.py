@@ -1,0 +1,195 @@
+"""The health HTTP API over real HTTP: statuses, the JSON contract, probes, secrets, ports."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from bot.health import Outcome, degraded
+from bot.plugin import Deadline, StartupError
+from tests.conftest import SettingsFactory
+from tests.support.hosts import build_host, free_port, get, running_host
+from tests.support.revisions import GATED, add_revision
+from tests.support.tcp_proxy import TCPProxy, postgres_proxy_fixture  # noqa: F401 (proxy)
+from tests.support.telegram_api import DEFAULT_TOKEN, TelegramAPIStandIn
+from tests.test_health import corrupt_sqlite
+
+CONTRACT_KEYS = {"status", "timestamp", "uptime", "checks"}
+
+
+async def test_health_answers_the_contract_json_200_then_503_when_unhealthy(
+    sqlite_url: str, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings(
+        sqlite_url, health={"http_port": free_port(), "http_cache_seconds": 0.01}
+    )
+    async with running_host(settings) as (host, plugin):
+        for path in ("/health", "/api/health"):
+            status, body, _ = await get(host, path)
+            assert status == 200  # degraded (no backup yet) still answers 200
+            assert set(body) == CONTRACT_KEYS
+            assert body["status"] == "degraded"
+            assert abs(body["timestamp"] - time.time()) < 60
+            assert 0 <= body["uptime"] < 60
+            assert body["checks"]["database"]["message"] == "Schema v3 | 4 tables | 0 records"
+            assert body["checks"]["database"]["latencyMs"] >= 0
+            assert body["checks"]["database_migrations"] == {
+                "status": "healthy",
+                "message": "v3 (0 pending)",
+            }
+            assert body["checks"]["database_backups"]["status"] == "degraded"
+
+        await plugin.backup_now()
+        await asyncio.sleep(0.02)  # older than http_cache_seconds
+        status, body, _ = await get(host, "/health")
+        assert (status, body["status"]) == (200, "healthy")
+
+        await asyncio.to_thread(plugin.flush)
+        assert plugin.database.file is not None
+        corrupt_sqlite(plugin.database.file)
+        await asyncio.sleep(0.02)
+        status, body, _ = await get(host, "/api/health")
+        assert (status, body["status"]) == (503, "unhealthy")
+        assert body["checks"]["database_integrity"] == {
+            "status": "unhealthy",
+            "message": "quick_check found corruption: database disk image is malformed",
+        }
+
+
+async def test_many_clients_at_once_cost_one_check(
+    sqlite_url: str, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings(
+        sqlite_url, health={"http_port": free_port(), "http_cache_seconds": 0.3}
+    )
+    async with running_host(settings) as (host, _):
+        last = host.monitor.last
+        assert last is not None
+        await asyncio.sleep(max(0.0, 0.35 - last.age()))  # the startup check is now stale
+        runs = host.monitor.runs
+        answers = await asyncio.gather(*(get(host, "/health") for _ in range(30)))
+        assert host.monitor.runs == runs + 1
+        assert len({body["timestamp"] for _, body, _ in answers}) == 1
+        await asyncio.gather(*(get(host, "/metrics") for _ in range(10)))  # fresh: reused
+        assert host.monitor.runs == runs + 1
+
+
+async def test_liveness_never_waits_for_a_hung_database(
+    postgres_url: str, make_settings: SettingsFactory, proxy: TCPProxy
+) -> None:
+    settings = make_settings(
+        proxy.url(postgres_url),
+        health={
+            "http_port": free_port(),
+            "check_timeout_seconds": 1,
+            "http_cache_seconds": 0.01,
+        },
+    )
+    async with running_host(settings) as (host, _):
+        proxy.hang()
+        health = asyncio.ensure_future(get(host, "/health"))
+        await asyncio.sleep(0.1)  # the check is now waiting for the database
+        started = time.monotonic()
+        status, body, _ = await get(host, "/livez")
+        assert (status, body["status"]) == (200, "alive")
+        assert time.monotonic() - started < 0.5
+        assert not health.done()
+        status, body, _ = await asyncio.wait_for(health, timeout=5)  # within the check timeout
+        assert status == 503
+        assert body["checks"]["database"]["message"] == "no answer within 1s (timed out)"
+        status, body, _ = await get(host, "/readyz")
+        assert status == 503 and body["status"] == "not ready"
+        assert set(body["checks"]) == {"database", "database_migrations"}
+        proxy.forward()  # (the final backup would wait for the hung server)
+
+
+async def test_readiness_waits_for_the_database_plugin(
+    sqlite_url: str,
+    make_settings: SettingsFactory,
+    scripts_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    add_revision(scripts_dir, GATED, doc="gated")  # 0004 waits for a "release" file
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    monkeypatch.setenv("DBKEEPER_GATE_DIR", str(gate))
+    settings = make_settings(
+        sqlite_url,
+        health={"http_port": free_port()},
+        migrations={"script_location": str(scripts_dir)},
+    )
+    host, _ = build_host(settings)
+    starting = asyncio.ensure_future(host.start())
+    try:
+        deadline = time.monotonic() + 20
+        while not list(gate.glob("entered-*")):  # migrating now
+            assert time.monotonic() < deadline and not starting.done()
+            await asyncio.sleep(0.02)
+        assert await get(host, "/readyz") == (503, {"status": "starting"}, '{"status": "starting"}')
+        status, body, _ = await get(host, "/health")
+        assert (status, body["status"], body["checks"]) == (503, "unhealthy", {})
+        assert (await get(host, "/livez"))[0] == 200
+        (gate / "release").touch()
+        await asyncio.wait_for(starting, timeout=20)
+        status, body, _ = await get(host, "/readyz")
+        assert (status, body) == (200, {"status": "ready"})
+    finally:
+        (gate / "release").touch()
+        await asyncio.gather(starting, return_exceptions=True)
+        await host.stop(Deadline.after(10))
+
+
+async def test_a_port_in_use_stops_startup_naming_the_port(
+    sqlite_url: str, make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        host, _ = build_host(make_settings(sqlite_url, health={"http_port": port}))
+        with pytest.raises(StartupError) as caught:
+            await host.start()
+    assert str(caught.value) == (
+        f"the health HTTP API cannot listen on 127.0.0.1:{port}: port {port} is already in use "
+        "(another dbkeeper, or another program). Stop it, or set [health] http_port to a free "
+        "port"
+    )
+    assert not (tmp_path / "data").exists()  # no migration ran
+
+
+async def test_no_secret_in_any_answer(
+    postgres_url: str, make_settings: SettingsFactory, proxy: TCPProxy
+) -> None:
+    password = "pw-never-shown-8c1f"
+    url = proxy.url(postgres_url).replace("postgres@", f"postgres:{password}@")  # trust auth
+    with TelegramAPIStandIn() as api:
+        settings = make_settings(
+            url,
+            health={"http_port": free_port(), "http_cache_seconds": 0.01},
+            telegram={"token": DEFAULT_TOKEN, "api_base_url": api.base_url},
+        )
+        async with running_host(settings) as (host, _):
+
+            async def leaky() -> Outcome:  # a careless plugin
+                return degraded(f"using {url} and bot {DEFAULT_TOKEN}")
+
+            host.health.add("careless_plugin", leaky)
+            answers = []
+            for mode in ("forward", "refuse"):
+                getattr(proxy, mode)()
+                await asyncio.sleep(0.02)
+                for path in ("/health", "/api/health", "/livez", "/readyz", "/metrics"):
+                    answers.append(await get(host, path))
+            proxy.forward()
+    texts = [text for _, _, text in answers]
+    assert any(password[:2] + "***" in text or "postgres:***@" in text for text in texts)
+    assert any("cannot reach the database" in text for text in texts)  # errors were served
+    assert "telegram_api" in texts[0]
+    for text in texts:
+        assert password not in text
+        assert DEFAULT_TOKEN not in text and DEFAULT_TOKEN.split(":")[1] not in text
