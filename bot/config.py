@@ -85,6 +85,12 @@ def database_url(value: str) -> str | None:
     return None
 
 
+def directory_or_empty(value: str) -> str | None:
+    if not value or Path(value).is_dir():
+        return None
+    return "must be empty or an existing directory"
+
+
 def log_level(value: str) -> str | None:
     return one_of("DEBUG", "INFO", "WARNING", "ERROR")(value.upper())
 
@@ -142,6 +148,15 @@ class HealthSettings:
     alert_repeat_seconds: float = _setting(
         14400, positive, doc="remind the admins this often while a problem lasts"
     )
+    http_cache_seconds: float = _setting(
+        10, positive, doc="HTTP answers reuse a health result this recent (one check for many)"
+    )
+    quick_check_max_mb: float = _setting(
+        32, at_least(0), doc="SQLite: quick_check on every check up to this size"
+    )
+    integrity_interval_seconds: float = _setting(
+        3600, positive, doc="SQLite above quick_check_max_mb: quick_check this often"
+    )
 
 
 @dataclass(frozen=True)
@@ -153,6 +168,9 @@ class BackupSettings:
     compress_min_bytes: int = _setting(1048576, at_least(0), doc="smaller backups stay raw")
     on_shutdown: bool = _setting(True, doc="take a final backup when the bot stops")
     send_to_chat: bool = _setting(False, doc="/backup also uploads the file to the admin")
+    pg_bin_dir: str = _setting(
+        "", directory_or_empty, doc="PostgreSQL: directory of pg_dump and pg_restore; empty: PATH"
+    )
 
 
 @dataclass(frozen=True)

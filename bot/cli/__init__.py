@@ -10,8 +10,10 @@ import sys
 
 import click
 
+from bot.cli.backup import backup
 from bot.cli.context import CliContext
 from bot.cli.db import db
+from bot.cli.health import health
 from bot.cli.run import run
 
 
@@ -34,6 +36,8 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 
 cli.add_command(run)
 cli.add_command(db)
+cli.add_command(backup)
+cli.add_command(health)
 
 
 def main() -> None:

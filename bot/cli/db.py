@@ -116,6 +116,9 @@ def downgrade(obj: CliContext, revision: str, yes: bool) -> None:
         )
     else:
         click.echo(f"nothing to revert; schema is at v{report.to_version}")
+    if plugin.last_safety_backup is not None:
+        name = plugin.last_safety_backup.name
+        click.echo(f"backup taken before: {name} (`dbkeeper backup restore {name}` undoes this)")
 
 
 @db.command()

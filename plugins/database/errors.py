@@ -39,6 +39,18 @@ class UnmanagedDatabase(MigrationError):
     """Tables exist but no migration history: created before dbkeeper managed it."""
 
 
+class BackupError(DatabaseError):
+    """A backup, verification or restore failed; the message says what was kept safe."""
+
+
+class BackupInProgress(BackupError):
+    """Another backup or restore holds the backup directory; this request was not started."""
+
+
+class InvalidBackup(BackupError):
+    """A backup file is damaged, foreign or too new to restore; nothing was changed."""
+
+
 def is_transient(error: BaseException) -> bool:
     """True when retrying the same work could succeed: locks, lost connections, deadlocks."""
     if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:

@@ -1,0 +1,215 @@
+"""``dbkeeper backup ...``: take, list, verify and restore backups.
+
+Progress goes to stderr: a bar per phase on a terminal (bytes copied by the backup API,
+compressed, read back), one plain line per finished phase otherwise (logs, pipes, cron).
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from typing import Any
+
+import click
+
+from bot.cli.context import EXIT_ERROR, CliContext, fails_plainly
+
+LABELS = {
+    "snapshot": "copying the database",
+    "check": "checking integrity",
+    "compress": "compressing",
+    "read-back": "reading back",
+    "checksum": "checksumming",
+    "decompress": "decompressing",
+    "restore": "swapping the database",
+}
+BYTE_PHASES = {"snapshot", "compress", "read-back", "checksum", "decompress"}
+
+
+def size(value: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} GB"  # pragma: no cover
+
+
+def when(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
+
+
+class ProgressReport:
+    """The manager's progress callback, drawn for people."""
+
+    def __init__(self, terminal: bool | None = None) -> None:
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self._bar: Any = None
+        self._bar_phase: str | None = None
+        self._finished: set[str] = set()
+        self._last: dict[str, int] = {}
+        self._waiting_lines: list[str] = []
+
+    def __call__(self, phase: str, done: int, total: int | None) -> None:
+        if phase in self._finished:
+            if done >= self._last.get(phase, 0):
+                return
+            self._finished.discard(phase)  # the same phase again (a restore's safety backup)
+        self._last[phase] = done
+        complete = total is not None and done >= total
+        if self.terminal and phase in BYTE_PHASES and total:
+            self._draw(phase, done, total)
+        if complete:
+            self._finished.add(phase)
+            if self._bar_phase == phase:
+                self._close_bar()
+            elif not self.terminal or phase not in BYTE_PHASES:
+                line = f"{LABELS.get(phase, phase)}: done" + (
+                    f" ({size(total)})" if phase in BYTE_PHASES and total else ""
+                )
+                self._say(line)
+
+    def _draw(self, phase: str, done: int, total: int) -> None:
+        if self._bar_phase != phase:
+            self._close_bar()
+            self._bar = click.progressbar(
+                length=total, label=LABELS.get(phase, phase).ljust(22), file=sys.stderr, width=30
+            )
+            self._bar.__enter__()
+            self._bar_phase = phase
+        self._bar.update(max(0, done - self._bar.pos))
+
+    def _say(self, line: str) -> None:
+        if self._bar is not None:
+            self._waiting_lines.append(line)  # never in the middle of a bar
+        else:
+            click.echo(line, err=True)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar, self._bar_phase = None, None
+        for line in self._waiting_lines:
+            click.echo(line, err=True)
+        self._waiting_lines.clear()
+
+    def close(self) -> None:
+        self._close_bar()
+
+
+def describe(info: Any) -> str:
+    rows = f"{info.rows:,} rows" if info.tables else "rows not counted"
+    return (
+        f"{info.name}: {size(info.size_bytes)} ({info.compression}), {info.reason}, taken "
+        f"{when(info.created_at)}, schema v{info.schema_version}, {len(info.tables)} tables, "
+        f"{rows}"
+    )
+
+
+@click.group()
+def backup() -> None:
+    """Take, list, verify and restore backups of the database."""
+
+
+@backup.command()
+@click.pass_obj
+@fails_plainly
+def create(obj: CliContext) -> None:
+    """Take a verified backup now (reason: manual)."""
+    plugin = obj.database_plugin()
+    progress = ProgressReport()
+    try:
+        info = plugin.backups.create("manual", progress=progress)
+    finally:
+        progress.close()
+    click.echo(f"created {describe(info)}")
+    click.echo(f"verified in {info.duration_seconds:.2f}s; stored in {info.path.parent}")
+
+
+@backup.command("list")
+@click.pass_obj
+@fails_plainly
+def list_backups(obj: CliContext) -> None:
+    """Complete, verified backups, newest first, and their totals."""
+    manager = obj.database_plugin().backups
+    backups = manager.list()
+    stats = manager.stats()
+    if backups:
+        click.echo(
+            f"{'name':<36} {'taken (UTC)':<19}  {'reason':<13} {'size':>9}  {'schema':>6}  rows"
+        )
+        for info in backups:
+            pending = f" (to {info.pending_compression})" if info.pending_compression else ""
+            click.echo(
+                f"{info.name:<36} {info.created_at:%Y-%m-%d %H:%M:%S}  {info.reason:<13} "
+                f"{size(info.size_bytes):>9}  {'v' + str(info.schema_version):>6}  "
+                f"{info.rows:,}{pending}"
+            )
+        click.echo(
+            f"{stats.count} backup{'s' if stats.count != 1 else ''}, "
+            f"{size(stats.total_bytes)} in total, in {manager.store.directory}; "
+            f"newest {when(stats.newest.created_at)}, oldest {when(stats.oldest.created_at)}"
+        )
+    else:
+        click.echo(f"no backups in {manager.store.directory}")
+    if stats.last_failure is not None:
+        failure = stats.last_failure
+        click.echo(f"last failure: {when(failure.at)} ({failure.reason}): {failure.error}")
+
+
+@backup.command()
+@click.argument("name", required=False)
+@click.pass_obj
+@fails_plainly
+def verify(obj: CliContext, name: str | None) -> None:
+    """Check NAME (default: every backup): checksum, full read, integrity, manifest."""
+    manager = obj.database_plugin().backups
+    progress = ProgressReport()
+    try:
+        results = manager.verify(name, progress=progress)
+    finally:
+        progress.close()
+    if not results:
+        click.echo(f"no backups to verify in {manager.store.directory}")
+        return
+    for result in results:
+        if result.ok:
+            click.echo(f"ok      {result.name} ({result.seconds:.2f}s)")
+        else:
+            click.echo(f"FAILED  {result.name}: {result.problem}")
+    failed = sum(not r.ok for r in results)
+    if failed:
+        click.echo(f"dbkeeper: error: {failed} of {len(results)} backups failed", err=True)
+        raise SystemExit(EXIT_ERROR)
+
+
+@backup.command()
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+@fails_plainly
+def restore(obj: CliContext, name: str, yes: bool) -> None:
+    """Replace the database with backup NAME (a safety backup of it is taken first)."""
+    plugin = obj.database_plugin()
+    info = plugin.backups.get(name)  # a bad or unknown name fails before the question
+    if not yes:
+        what = describe(info) if info else f"{name} (no manifest)"
+        click.confirm(
+            f"Replace the database {plugin.database.display_url} with {what}? A safety backup "
+            "of the current database is taken first",
+            abort=True,
+        )
+    progress = ProgressReport()
+    try:
+        report = plugin.restore_backup(name, progress=progress)
+    finally:
+        progress.close()
+        plugin.close()
+    click.echo(f"restored {report.name} (schema v{report.schema_version})")
+    migration = report.reopened
+    if migration is not None and migration.steps:
+        click.echo(f"migrated it v{migration.from_version} -> v{migration.to_version}")
+    if report.safety is not None:
+        click.echo(
+            f"the previous database is saved as {report.safety.name}; "
+            f"`dbkeeper backup restore {report.safety.name}` puts it back"
+        )

@@ -1,0 +1,869 @@
+"""Backups: consistent, compressed, verified, rotated, restorable; one at a time per directory.
+
+Taking a backup (``create``):
+
+1. claim a name (``bot-db-<UTC second>``; see ``backup_store`` for same-second starts);
+2. the engine writes a consistent raw copy to a temporary file (SQLite: the backup API under a
+   pinned snapshot; PostgreSQL: ``pg_dump`` in custom format), fsynced;
+3. at the same time, on two threads: the engine proves the raw copy sound (SQLite:
+   ``PRAGMA integrity_check`` and rows per table; PostgreSQL: ``pg_restore -f /dev/null``
+   reads every byte) while it is compressed (sha256 of content and file on the way);
+4. the compressed file is read back from disk and decompressed: its content must have the raw
+   copy's sha256, so the backup holds exactly the bytes that passed the check;
+5. manifest, rename into place, fsync; then rotation, which therefore never runs after a
+   failed backup. A failure removes every temporary file and is recorded (``stats``).
+
+With a deadline (the shutdown budget) the verified raw copy is committed first, then
+compressed only if that fits in the time left; otherwise it stays raw (``pending_compression``
+in its manifest) and ``compress_pending`` compresses it at the next start.
+
+Backups, restores and deferred compressions exclude each other: a thread lock within the
+process and a ``flock`` on the directory across processes. ``wait=False`` requests (manual,
+scheduled) are refused with ``BackupInProgress``; safety backups wait.
+
+Rotation keeps the newest ``keep`` routine backups (scheduled, manual, shutdown) and, apart
+from them, the newest ``keep`` safety copies (pre-migration, pre-downgrade, pre-restore): a
+burst of scheduled backups never rotates away the copy taken before a restore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bot.config import BackupSettings
+from bot.plugin import Deadline
+
+from .backup_checks import BackupInspector, RevisionSource
+from .backup_engine import (
+    BackupEngine,
+    ContentFacts,
+    Interrupted,
+    Limits,
+    Progress,
+    no_progress,
+)
+from .backup_store import BackupStore, Entry, remove
+from .compression import (
+    SUFFIXES,
+    CorruptData,
+    Digest,
+    codec_for_suffix,
+    compress,
+    create_private,
+    decompress,
+    hash_file,
+)
+from .errors import BackupError, BackupInProgress, InvalidBackup
+from .manifest import Manifest, read_manifest
+
+log = logging.getLogger("dbkeeper.backup")
+
+ROUTINE_REASONS = ("scheduled", "manual", "shutdown")
+SAFETY_REASONS = ("pre-migration", "pre-downgrade", "pre-restore")
+REASONS = ROUTINE_REASONS + SAFETY_REASONS
+# Compression speed assumed until this process has measured its own (bytes per second); only
+# used to decide whether compressing fits in the shutdown budget. Deliberately low.
+ASSUMED_RATES = {"gzip": 20e6, "zstd": 100e6}
+WAIT_POLL_SECONDS = 0.1
+WAIT_REPORT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class BackupInfo:
+    name: str
+    path: Path
+    size_bytes: int
+    created_at: datetime  # UTC, tz-aware: when the snapshot was taken
+    reason: str  # scheduled | manual | pre-migration | pre-downgrade | pre-restore | shutdown
+    compression: str  # gzip | zstd | none (PostgreSQL: custom)
+    sha256: str
+    schema_version: int
+    tables: dict[str, int]
+    duration_seconds: float
+    schema_revision: str | None = None
+    content_bytes: int = 0
+    content_sha256: str = ""
+    engine: str = ""
+    pending_compression: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.tables.values())
+
+    @classmethod
+    def of(cls, entry: Entry) -> BackupInfo:
+        m = entry.manifest
+        return cls(
+            name=m.name,
+            path=entry.path,
+            size_bytes=m.size_bytes,
+            created_at=m.created_at,
+            reason=m.reason,
+            compression=m.compression,
+            sha256=m.sha256,
+            schema_version=m.schema_version,
+            tables=dict(m.tables),
+            duration_seconds=m.duration_seconds,
+            schema_revision=m.schema_revision,
+            content_bytes=m.content_bytes,
+            content_sha256=m.content_sha256,
+            engine=m.engine,
+            pending_compression=m.pending_compression,
+            phases=dict(m.phases),
+        )
+
+
+@dataclass(frozen=True)
+class BackupFailure:
+    at: datetime
+    reason: str
+    error: str
+
+
+@dataclass(frozen=True)
+class BackupStats:
+    count: int
+    total_bytes: int
+    newest: BackupInfo | None
+    oldest: BackupInfo | None
+    last_failure: BackupFailure | None  # the latest failed attempt, if newer than the last success
+    last_success_at: datetime | None
+    last_duration_seconds: float | None
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    name: str
+    ok: bool
+    problem: str | None
+    info: BackupInfo | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    name: str
+    schema_version: int  # of the backup
+    safety: BackupInfo | None  # the copy of the database it replaced
+    reopened: Any  # what the plugin's reopen returned (its migration report)
+    duration_seconds: float
+    set_aside: list[Path] = field(default_factory=list)  # a damaged database, kept as it was
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _size(value: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000  # type: ignore[assignment]
+    return f"{value} B"  # pragma: no cover
+
+
+def _is_no_space(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "no space left" in str(error).lower() or "disk is full" in str(error).lower()
+
+
+class BackupManager:
+    """Creates, lists, verifies, rotates and restores the backups of one database."""
+
+    def __init__(
+        self,
+        settings: BackupSettings,
+        engine: BackupEngine,
+        schema: RevisionSource,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.schema = schema
+        self.store = BackupStore(Path(settings.dir))
+        self.inspector = BackupInspector(engine, schema)
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._current: tuple[str, float] | None = None  # (what, monotonic start) while running
+        self._rates: dict[str, float] = {}
+        self._last_failure: BackupFailure | None = None
+        self._last_success_at: datetime | None = None
+        self._last_duration: float | None = None
+        self._restoring: Path | None = None  # never rotated away while it is being restored
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True while this process takes a backup, restores or compresses one."""
+        return self._current is not None
+
+    @property
+    def available(self) -> bool:
+        return self.engine.unavailable() is None
+
+    def list(self) -> list[BackupInfo]:
+        """Complete, verified backups, newest first."""
+        return [BackupInfo.of(entry) for entry in self.store.entries()]
+
+    def get(self, name: str) -> BackupInfo | None:
+        """Backup ``name`` (None when its file has no manifest); ``InvalidBackup`` if none."""
+        path = self.store.resolve(name)
+        manifest = read_manifest(path)
+        return BackupInfo.of(Entry(path, manifest)) if manifest else None
+
+    def stats(self) -> BackupStats:
+        backups = self.list()
+        newest = backups[0] if backups else None
+        success = max(
+            (t for t in (self._last_success_at, newest and newest.created_at) if t), default=None
+        )
+        failure = self._last_failure
+        recorded = self.store.last_failure()
+        if recorded is not None and (failure is None or recorded[0] > failure.at):
+            failure = BackupFailure(*recorded)
+        if failure is not None and success is not None and failure.at <= success:
+            failure = None
+        duration = self._last_duration
+        if duration is None and newest is not None:
+            duration = newest.duration_seconds
+        return BackupStats(
+            count=len(backups),
+            total_bytes=sum(b.size_bytes for b in backups),
+            newest=newest,
+            oldest=backups[-1] if backups else None,
+            last_failure=failure,
+            last_success_at=success,
+            last_duration_seconds=duration,
+        )
+
+    def estimate_next_bytes(self) -> int:
+        """Free space the next backup needs at its peak (raw copy and compressed file at once)."""
+        raw = self.engine.live_bytes()
+        newest = next(iter(self.list()), None)
+        if not self.engine.compressible:  # a dump: like the last one, with room to grow
+            return int(newest.size_bytes * 1.5) if newest else raw
+        codec = self._codec(raw)
+        if codec == "none":
+            return raw
+        ratio = 1.0
+        for backup in self.list():
+            if backup.compression == codec and backup.content_bytes:
+                ratio = backup.size_bytes / backup.content_bytes
+                break
+        return raw + int(raw * ratio)
+
+    # -- creating -----------------------------------------------------------------------------
+
+    def create(
+        self,
+        reason: str = "manual",
+        *,
+        wait: bool = False,
+        deadline: Deadline | None = None,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> BackupInfo:
+        """Take, verify and rotate a backup (blocking). Raises ``BackupError`` on failure.
+
+        ``wait``: if another backup runs, wait for it (else ``BackupInProgress``).
+        ``deadline``: commit the raw copy first and compress only if time is left.
+        """
+        if reason not in REASONS:
+            raise ValueError(f"unknown backup reason {reason!r} (one of {', '.join(REASONS)})")
+        limits = Limits(deadline, (stop,) if stop else ())
+        with self._exclusive(f"{reason} backup", wait=wait, limits=limits):
+            return self._create(reason, limits, self._serialized(progress))
+
+    def _create(self, reason: str, limits: Limits, progress: Progress) -> BackupInfo:
+        temporary: list[Path] = []
+        try:
+            problem = self.engine.unavailable()
+            if problem:
+                raise BackupError(f"cannot back up: {problem}")
+            if not self.engine.live_exists():
+                raise BackupError(
+                    f"there is no database at {self.engine.source()}: nothing to back up"
+                )
+            self.store.ensure()
+            for leftover in self.store.leftovers():  # we hold the directory: nobody writes them
+                remove(leftover)
+            created_at, stem = self.store.claim_time(self._clock, self._sleep)
+            started = time.monotonic()  # a same-second wait is not the backup's duration
+            info = self._take(reason, created_at, stem, started, limits, progress, temporary)
+        except Exception as error:
+            for path in temporary:
+                remove(path)
+            failure = self._failure_message(reason, error)
+            self._record_failure(reason, failure)
+            raise BackupError(failure) from error
+        except BaseException:
+            for path in temporary:
+                remove(path)
+            raise
+        self._last_success_at = info.created_at
+        self._last_duration = info.duration_seconds
+        self._rotate(info)
+        if info.pending_compression and not limits.stopped():
+            self._compress_deferred(info, limits, progress)
+        return self._current_info(info)
+
+    def _take(
+        self,
+        reason: str,
+        created_at: datetime,
+        stem: str,
+        started: float,
+        limits: Limits,
+        progress: Progress,
+        temporary: list[Path],
+    ) -> BackupInfo:
+        phases: dict[str, float] = {}
+        raw = self.store.temp(stem + self.engine.raw_suffix)
+        temporary.append(raw)
+        create_private(raw).close()
+        clock = time.monotonic()
+        early = self.engine.snapshot(raw, progress, limits)
+        phases["snapshot"] = time.monotonic() - clock
+        content_bytes = raw.stat().st_size
+        codec = self._codec(content_bytes)
+        pending = None
+        if limits.deadline is not None and codec != "none":
+            pending, codec = codec, "none"  # commit raw first; compress after, if time is left
+        packed = None
+        if codec != "none":
+            packed = self.store.temp(stem + self.engine.raw_suffix + SUFFIXES[codec])
+            temporary.append(packed)
+        facts, content, file = self._check_and_pack(raw, packed, codec, progress, limits, phases)
+        facts = self._merge(early, facts)
+        name = stem + self.engine.raw_suffix + (SUFFIXES[codec] if packed else "")
+        manifest = Manifest(
+            name=name,
+            created_at=created_at,
+            reason=reason,
+            engine=self.engine.kind,
+            compression=codec if packed else self.engine.raw_compression,
+            size_bytes=file.bytes,
+            sha256=file.sha256,
+            content_bytes=content.bytes,
+            content_sha256=content.sha256,
+            schema_revision=facts.revision,
+            schema_version=self._version(facts.revision),
+            tables={k: v for k, v in facts.tables.items() if v is not None},
+            duration_seconds=round(time.monotonic() - started, 3),
+            phases={k: round(v, 3) for k, v in phases.items()},
+            pending_compression=pending,
+            source=self.engine.source(),
+            tool=self.engine.tool(),
+        )
+        path = self.store.commit(packed or raw, name, manifest)
+        if packed is not None:
+            remove(raw)
+        info = BackupInfo.of(Entry(path, manifest))
+        self._log_created(info)
+        return info
+
+    def _check_and_pack(
+        self,
+        raw: Path,
+        packed: Path | None,
+        codec: str,
+        progress: Progress,
+        limits: Limits,
+        phases: dict[str, float],
+    ) -> tuple[ContentFacts, Digest, Digest]:
+        """Check the raw copy on a second thread while compressing (or hashing) it here.
+
+        The compressed file is read back here too, so that only the longer of the two lines
+        of work (usually the check) adds to the time of the backup.
+        """
+        size = raw.stat().st_size
+        abandon = threading.Event()
+
+        def timed_check() -> ContentFacts:
+            clock = time.monotonic()
+            facts = self.engine.check(raw, progress, limits.also(abandon))
+            phases["check"] = time.monotonic() - clock
+            return facts
+
+        with ThreadPoolExecutor(1, thread_name_prefix="dbkeeper-backup-check") as pool:
+            checking = pool.submit(timed_check)
+            try:
+                clock = time.monotonic()
+                if packed is None:
+                    content = hash_file(
+                        raw, lambda done: progress("checksum", done, size), limits.check
+                    )
+                    file = content
+                    phases["checksum"] = time.monotonic() - clock
+                else:
+                    content, file = compress(
+                        raw,
+                        packed,
+                        codec,
+                        progress=lambda done: progress("compress", done, size),
+                        check=limits.check,
+                    )
+                    elapsed = time.monotonic() - clock
+                    phases["compress"] = elapsed
+                    self._rates[codec] = size / max(elapsed, 1e-6)
+                    self._read_back(packed, codec, content, file, progress, limits, phases)
+            except BaseException:
+                abandon.set()
+                raise
+            facts = checking.result()
+        return facts, content, file
+
+    @staticmethod
+    def _read_back(
+        packed: Path,
+        codec: str,
+        content: Digest,
+        file: Digest,
+        progress: Progress,
+        limits: Limits,
+        phases: dict[str, float],
+    ) -> None:
+        """Decompress what reached the disk: it must be exactly the copy being checked."""
+        clock = time.monotonic()
+        read_file, read_content = decompress(
+            packed,
+            codec,
+            progress=lambda done: progress("read-back", done, file.bytes),
+            check=limits.check,
+        )
+        phases["read-back"] = time.monotonic() - clock
+        if read_content != content or read_file != file:
+            raise BackupError(
+                "the compressed file does not read back as the copy that was checked "
+                f"(content sha256 {read_content.sha256[:12]}, expected {content.sha256[:12]})"
+                ": the disk or the file system corrupts writes"
+            )
+
+    # -- deferred compression -----------------------------------------------------------------
+
+    def compress_pending(self, *, stop: threading.Event | None = None) -> list[BackupInfo]:
+        """Compress backups kept raw at shutdown (the next start calls this in the background)."""
+        limits = Limits(None, (stop,) if stop else ())
+        done: list[BackupInfo] = []
+        pending = [b for b in self.list() if b.pending_compression]
+        if not pending:
+            return done
+        with self._exclusive("deferred compression", wait=False, limits=limits):
+            for backup in pending:
+                if limits.stopped():
+                    break
+                compressed = self._compress_deferred(backup, limits, no_progress)
+                if compressed is not None:
+                    done.append(compressed)
+        return done
+
+    def _compress_deferred(
+        self, backup: BackupInfo, limits: Limits, progress: Progress
+    ) -> BackupInfo | None:
+        """Replace a raw backup by its compressed form; on interruption it stays raw."""
+        codec = backup.pending_compression
+        assert codec is not None
+        remaining = limits.remaining()
+        if remaining is not None:
+            needed = backup.content_bytes / self._rate(codec)
+            if needed > remaining / 2:
+                log.info(
+                    "kept %s uncompressed: %s would need about %.1fs of the %.1fs left; it is "
+                    "compressed at the next start",
+                    backup.name,
+                    codec,
+                    needed,
+                    remaining,
+                )
+                return None
+        name = backup.name + SUFFIXES[codec]
+        packed = self.store.temp(name)
+        started = time.monotonic()
+        try:
+            content, file = compress(
+                backup.path,
+                packed,
+                codec,
+                progress=lambda done: progress("compress", done, backup.content_bytes),
+                check=limits.check,
+            )
+            _, read_content = decompress(packed, codec, check=limits.check)
+            if content.sha256 != backup.content_sha256 or read_content != content:
+                raise BackupError(f"{backup.name} did not read back as itself after compression")
+            manifest = read_manifest(backup.path)
+            assert manifest is not None
+            elapsed = time.monotonic() - started
+            phases = {**manifest.phases, "compress (deferred)": round(elapsed, 3)}
+            updated = replace(
+                manifest,
+                name=name,
+                compression=codec,
+                size_bytes=file.bytes,
+                sha256=file.sha256,
+                pending_compression=None,
+                phases=phases,
+            )
+            path = self.store.commit(packed, name, updated)
+            self.store.delete(backup.path)
+        except Interrupted as why:
+            remove(packed)
+            log.info("compressing %s %s; it stays raw until the next start", backup.name, why)
+            return None
+        except (OSError, BackupError, CorruptData) as error:
+            remove(packed)
+            log.warning("compressing %s failed (%s); it stays uncompressed", backup.name, error)
+            return None
+        self._rates[codec] = backup.content_bytes / max(time.monotonic() - started, 1e-6)
+        info = BackupInfo.of(Entry(path, updated))
+        log.info(
+            "compressed %s -> %s: %s -> %s in %.1fs",
+            backup.name,
+            name,
+            _size(backup.size_bytes),
+            _size(info.size_bytes),
+            elapsed,
+        )
+        return info
+
+    # -- rotation -----------------------------------------------------------------------------
+
+    def _rotate(self, new: BackupInfo) -> None:
+        pool = ROUTINE_REASONS if new.reason in ROUTINE_REASONS else SAFETY_REASONS
+        kind = "routine backups" if pool is ROUTINE_REASONS else "safety copies"
+        same = [entry for entry in self.store.entries() if entry.manifest.reason in pool]
+        for entry in same[self.settings.keep :]:
+            if entry.path == self._restoring:
+                continue  # a restore reads it right now; the next rotation takes it
+            try:
+                self.store.delete(entry.path)
+            except OSError as error:
+                log.warning("could not delete %s during rotation: %s", entry.path.name, error)
+                continue
+            log.info(
+                "rotated out %s (%s); keeping the newest %d %s",
+                entry.path.name,
+                entry.manifest.reason,
+                self.settings.keep,
+                kind,
+            )
+
+    # -- verifying ----------------------------------------------------------------------------
+
+    def verify(
+        self, name: str | None = None, *, progress: Progress | None = None
+    ) -> list[VerifyResult]:
+        """Re-check one backup (or all): checksum, full decompression, engine check, manifest."""
+        progress = self._serialized(progress)
+        limits = Limits()
+        if name is not None:
+            self.store.resolve(name)  # a bad name fails before waiting for anything
+        with self._exclusive("verification", wait=True, limits=limits):
+            if name is not None:
+                paths = [self.store.resolve(name)]
+            else:
+                paths = [backup.path for backup in self.list()]
+            return [self._verify_one(path, progress, limits) for path in paths]
+
+    def _verify_one(self, path: Path, progress: Progress, limits: Limits) -> VerifyResult:
+        started = time.monotonic()
+        manifest = read_manifest(path)
+        info = BackupInfo.of(Entry(path, manifest)) if manifest else None
+        scratch = self.store.temp("verify-" + path.name)
+        compressed = codec_for_suffix(path.name) != "none"
+        try:
+            self.inspector.inspect(
+                path, manifest, scratch if compressed else None, progress, limits
+            )
+        except (InvalidBackup, CorruptData) as error:
+            log.warning("verification of %s failed: %s", path.name, error)
+            return VerifyResult(path.name, False, str(error), info, time.monotonic() - started)
+        except OSError as error:
+            raise BackupError(
+                f"cannot verify {path.name}: {error.strerror or error} (decompressing it needs "
+                f"about {_size(manifest.content_bytes if manifest else 0)} free in "
+                f"{self.store.directory}); the backup itself was not changed"
+            ) from error
+        finally:
+            remove(scratch)
+        log.info("verified %s in %.2fs", path.name, time.monotonic() - started)
+        return VerifyResult(path.name, True, None, info, time.monotonic() - started)
+
+    # -- restoring ----------------------------------------------------------------------------
+
+    def restore(
+        self,
+        name: str,
+        *,
+        release: Callable[[], None],
+        reopen: Callable[[], Any],
+        pause: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+        progress: Progress | None = None,
+    ) -> RestoreReport:
+        """Replace the live database with backup ``name`` after proving it sound.
+
+        Nothing touches the live database until the backup passed every check. Then, with the
+        bot's database work paused: a safety backup of the current database, ``release``
+        (close every connection), the swap, ``reopen`` (connect, migrate forward).
+        """
+        started = time.monotonic()
+        progress = self._serialized(progress)
+        path = self.store.resolve(name)
+        limits = Limits()
+        unchanged = "The live database was not touched."
+        with self._exclusive("restore", wait=False, limits=limits), contextlib.ExitStack() as stack:
+            problem = self.engine.unavailable()
+            if problem:
+                raise BackupError(f"cannot restore: {problem}")
+            manifest = read_manifest(path)
+            staging = self.engine.staging()
+            if staging is not None:
+                stack.callback(remove, staging)
+            try:
+                raw, facts = self.inspector.inspect(path, manifest, staging, progress, limits)
+            except InvalidBackup as error:
+                text = str(error)
+                text = text[len(name) :].strip() if text.startswith(name) else text
+                raise InvalidBackup(f"cannot restore {name}: it {text}. {unchanged}") from None
+            if manifest is None:
+                log.warning("%s has no manifest: restoring on its own checks alone", name)
+            stack.enter_context(self.engine.exclusive())
+            stack.enter_context(pause())
+            safety, damaged = None, False
+            if self.engine.live_exists():
+                self._restoring = path
+                stack.callback(setattr, self, "_restoring", None)
+                try:
+                    safety = self._create("pre-restore", limits, progress)
+                except BackupError as error:
+                    damaged = isinstance(error.__cause__, InvalidBackup)
+                    if not (damaged and self.engine.can_set_aside):
+                        raise BackupError(
+                            f"restore stopped before touching the live database: the safety "
+                            f"backup of it failed ({error}). Nothing was changed."
+                        ) from error
+            release()
+            set_aside: list[Path] = []
+            try:
+                if damaged:  # it cannot be backed up: keep its very bytes instead
+                    set_aside = self.engine.set_aside(f"damaged-{self.store.stem(self._clock())}")
+                    log.warning(
+                        "the live database fails its integrity check, so no verified safety "
+                        "backup of it can exist; it is kept as it was: %s",
+                        ", ".join(str(path) for path in set_aside),
+                    )
+                self.engine.replace_live(raw)
+            except BaseException as error:
+                with contextlib.suppress(Exception):
+                    self.engine.put_back(set_aside)
+                    reopen()
+                raise BackupError(
+                    f"restoring {name} failed while replacing the database: {error}. The live "
+                    "database is as it was."
+                ) from error
+            progress("restore", 1, 1)
+            try:
+                reopened = reopen()
+            except Exception as error:
+                kept = f"is kept as {safety.name}" if safety else "did not exist"
+                raise BackupError(
+                    f"restored {name}, but opening it afterwards failed: {error}. The previous "
+                    f"database {kept}; `dbkeeper backup restore {safety.name if safety else name}`"
+                    " puts it back."
+                ) from error
+        elapsed = time.monotonic() - started
+        version = self._version(facts.revision)
+        log.info(
+            "restored %s (schema v%d)%s in %.1fs",
+            name,
+            version,
+            f"; the previous database is saved as {safety.name}" if safety else "",
+            elapsed,
+        )
+        return RestoreReport(name, version, safety, reopened, round(elapsed, 3), set_aside)
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    def cleanup(self) -> list[Path]:
+        """Remove leftovers of interrupted backups and restores (when no backup is running)."""
+        if not self.store.directory.is_dir() and not self.engine.leftovers():
+            return []
+        try:
+            with self._exclusive("cleanup", wait=False, limits=Limits()):
+                found = self.store.leftovers() + self.engine.leftovers()
+                for path in found:
+                    remove(path)
+        except BackupInProgress:
+            return []  # whoever holds the directory is not done; its files are not leftovers
+        if found:
+            log.info(
+                "removed %d leftover%s of an interrupted backup: %s",
+                len(found),
+                "s" if len(found) > 1 else "",
+                ", ".join(path.name for path in found),
+            )
+        return found
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str, *, wait: bool, limits: Limits) -> Iterator[None]:
+        """One backup/restore at a time: in this process, then across processes."""
+        if not self._lock.acquire(blocking=False):
+            if not wait:
+                raise BackupInProgress(self._busy_text())
+            self._wait_for(lambda: self._lock.acquire(blocking=False), what, limits)
+        try:
+            file_lock = self.store.lock()
+            if not file_lock.try_acquire():
+                if not wait:
+                    raise BackupInProgress(
+                        f"another process is taking a backup or restoring in {self.store.directory}"
+                        f" ({file_lock.holder()}); try again when it is done"
+                    )
+                self._wait_for(file_lock.try_acquire, what, limits, file_lock.holder)
+            try:
+                self._current = (what, time.monotonic())
+                yield
+            finally:
+                self._current = None
+                file_lock.release()
+        finally:
+            self._lock.release()
+
+    def _wait_for(
+        self,
+        attempt: Callable[[], bool],
+        what: str,
+        limits: Limits,
+        holder: Callable[[], str] | None = None,
+    ) -> None:
+        next_report = time.monotonic()
+        while not attempt():
+            if limits.stopped():
+                raise BackupError(
+                    f"the {what} {limits.stopped()} while waiting for "
+                    f"{holder() if holder else self._busy_text()}"
+                )
+            if time.monotonic() >= next_report:
+                log.info("the %s waits for %s", what, holder() if holder else self._busy_text())
+                next_report = time.monotonic() + WAIT_REPORT_SECONDS
+            time.sleep(WAIT_POLL_SECONDS)
+
+    def _busy_text(self) -> str:
+        current = self._current
+        if current is None:
+            return "a backup is already running"
+        return f"a {current[0]} is already running (for {time.monotonic() - current[1]:.0f}s)"
+
+    @staticmethod
+    def _serialized(progress: Progress | None) -> Progress:
+        if progress is None:
+            return no_progress
+        lock = threading.Lock()
+
+        def report(phase: str, done: int, total: int | None) -> None:
+            with lock:
+                progress(phase, done, total)
+
+        return report
+
+    def _codec(self, content_bytes: int) -> str:
+        if not self.engine.compressible or content_bytes < self.settings.compress_min_bytes:
+            return "none"
+        return self.settings.compression
+
+    def _rate(self, codec: str) -> float:
+        return self._rates.get(codec, ASSUMED_RATES[codec])
+
+    def _version(self, revision: str | None) -> int:
+        if revision is None:
+            return 0
+        for known in self.schema.revisions():
+            if known.id == revision:
+                return int(known.version)
+        return int(revision) if revision.isdigit() else 0
+
+    @staticmethod
+    def _merge(early: ContentFacts | None, checked: ContentFacts) -> ContentFacts:
+        if early is None:
+            return checked
+        tables = {name: early.tables.get(name, count) for name, count in checked.tables.items()}
+        tables.update({k: v for k, v in early.tables.items() if k not in tables})
+        return ContentFacts(early.revision or checked.revision, tables)
+
+    def _current_info(self, info: BackupInfo) -> BackupInfo:
+        """The backup as it is now (deferred compression may have renamed it)."""
+        stem = info.name.split(".", 1)[0]
+        for backup in self.list():
+            if backup.name.split(".", 1)[0] == stem:
+                return backup
+        return info
+
+    def _failure_message(self, reason: str, error: BaseException) -> str:
+        kept = "the partial files were removed and the existing backups are untouched"
+        if isinstance(error, BackupInProgress):
+            return str(error)
+        if isinstance(error, Interrupted):
+            return (
+                f"the {reason} backup {error} before it was complete: no backup was taken "
+                f"({kept}). Give shutdown more time ([shutdown] timeout_seconds and docker "
+                "stop --time) or rely on scheduled backups."
+            )
+        if _is_no_space(error):
+            need = _size(self.estimate_next_bytes())
+            free = _size(self.store.free_bytes())
+            return (
+                f"the {reason} backup failed: no space left in {self.store.directory} "
+                f"(it needs about {need}, {free} are free); {kept}. Free some space or point "
+                "[backup] dir at a larger disk."
+            )
+        if isinstance(error, InvalidBackup):
+            return (
+                f"the new {reason} backup failed verification: the copy {error}. It was "
+                f"deleted; {kept}. The live database may be damaged: check it and the disk."
+            )
+        if isinstance(error, BackupError):
+            return f"the {reason} backup failed: {error}; {kept}"
+        return f"the {reason} backup failed: {type(error).__name__}: {error}; {kept}"
+
+    def _record_failure(self, reason: str, message: str) -> None:
+        at = self._clock()
+        self._last_failure = BackupFailure(at, reason, message)
+        self.store.record_failure(at, reason, message)
+        log.error("%s", message)
+
+    def _log_created(self, info: BackupInfo) -> None:
+        phases = ", ".join(f"{k} {v:.2f}s" for k, v in info.phases.items())
+        if info.compression in ("gzip", "zstd"):
+            packed = (
+                f"{_size(info.size_bytes)} from {_size(info.content_bytes)} ({info.compression})"
+            )
+        else:
+            packed = f"{_size(info.size_bytes)} ({info.compression})"
+        log.info(
+            "backup %s (%s): %s, schema v%d, %d tables, %s rows; verified in %.2fs (%s)",
+            info.name,
+            info.reason,
+            packed,
+            info.schema_version,
+            len(info.tables),
+            f"{info.rows:,}",
+            info.duration_seconds,
+            phases,
+        )

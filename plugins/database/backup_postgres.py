@@ -1,0 +1,358 @@
+"""PostgreSQL backups: ``pg_dump`` in custom format, proven by reading it all with ``pg_restore``.
+
+The dump runs in a snapshot exported by a REPEATABLE READ transaction of our own
+(``pg_export_snapshot`` and ``pg_dump --snapshot``), so the rows counted for the manifest are
+exactly the rows in the dump. ``pg_restore --list`` only reads the table of contents (our
+research: truncated and bit-flipped archives passed it), so a dump counts only after
+``pg_restore -f /dev/null`` has read and decompressed every byte.
+
+The tools get the connection through libpq's environment (PGHOST, PGUSER, PGPASSWORD, ...):
+the password never appears on a command line, where ``ps`` would show it. ``pg_dump`` must be
+at least the server's major version; a missing or older one is refused with both versions
+named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
+
+from bot.logs import redact
+
+from .backup_engine import ContentFacts, Interrupted, Limits, Progress
+from .engine import safe_url
+from .errors import BackupError, InvalidBackup
+
+POLL_SECONDS = 0.2
+RESTORE_LOCK_TIMEOUT = "60s"  # pg_restore gives up (and rolls back) rather than wait forever
+_VERSION = re.compile(r"\(PostgreSQL\)\s+((\d+)[\d.]*)")
+_TOC_TABLE = re.compile(r"^\d+; \d+ \d+ TABLE (?!DATA )(\S+) (\S+) ")
+# libpq query parameters that have an environment variable of their own
+_PARAMETERS = {
+    "sslmode": "PGSSLMODE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "options": "PGOPTIONS",
+    "host": "PGHOST",
+    "port": "PGPORT",
+}
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class PostgresBackupEngine:
+    kind = "postgresql"
+    raw_suffix = ".dump"
+    compressible = False  # the custom format is compressed by pg_dump itself
+    raw_compression = "custom"
+    can_set_aside = False  # a damaged server is PostgreSQL's to repair, not ours to rename
+
+    def __init__(self, url: URL, *, bin_dir: str = "", connect_timeout: float = 10) -> None:
+        self.url = url
+        self.bin_dir = bin_dir
+        self.connect_timeout = connect_timeout
+        self._tool = "pg_dump"
+
+    # -- the live database --------------------------------------------------------------------
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def source(self) -> str:
+        return safe_url(self.url)
+
+    def live_exists(self) -> bool:
+        return True
+
+    def live_bytes(self) -> int:
+        try:
+            with self._connected() as connection:
+                query = text("SELECT pg_database_size(current_database())")
+                return int(connection.execute(query).scalar_one())
+        except Exception:
+            return 0
+
+    def tool(self) -> str:
+        return self._tool
+
+    # -- the tools ----------------------------------------------------------------------------
+
+    def program(self, name: str) -> str:
+        """The path of ``pg_dump``/``pg_restore``; a clear error when it is not installed."""
+        if self.bin_dir:
+            path = Path(self.bin_dir) / name
+            if path.is_file() and os.access(path, os.X_OK):
+                return str(path)
+            raise BackupError(
+                f"{name} was not found in [backup] pg_bin_dir = {self.bin_dir}: install the "
+                "PostgreSQL client tools there or point pg_bin_dir at their bin directory"
+            )
+        found = shutil.which(name)
+        if found is None:
+            raise BackupError(
+                f"{name} was not found on PATH: install the PostgreSQL client tools (e.g. the "
+                "postgresql-client package of your server's major version) or set "
+                "[backup] pg_bin_dir"
+            )
+        return found
+
+    @staticmethod
+    def version(program: str) -> tuple[str, int]:
+        """(``15.20``, 15) from ``pg_dump --version``."""
+        try:
+            result = subprocess.run(
+                [program, "--version"], capture_output=True, text=True, timeout=30, check=False
+            )
+        except OSError as error:
+            raise BackupError(f"cannot run {program}: {error.strerror}") from error
+        match = _VERSION.search(result.stdout)
+        if result.returncode != 0 or match is None:
+            output = (result.stdout + result.stderr).strip()[:200]
+            raise BackupError(f"{program} --version did not report a version ({output!r})")
+        return match.group(1), int(match.group(2))
+
+    def _environment(self) -> dict[str, str]:
+        url = self.url
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        values = {
+            "PGHOST": url.host or "",
+            "PGPORT": str(url.port or ""),
+            "PGUSER": url.username or "",
+            "PGPASSWORD": str(url.password or ""),
+            "PGDATABASE": url.database or "",
+            "PGCONNECT_TIMEOUT": str(max(1, round(self.connect_timeout))),
+            "PGAPPNAME": "dbkeeper-backup",
+        }
+        for key, variable in _PARAMETERS.items():
+            value = url.query.get(key)
+            if value:
+                values[variable] = value if isinstance(value, str) else value[0]
+        environment.update({k: v for k, v in values.items() if v})
+        return environment
+
+    def _run(
+        self,
+        args: list[str],
+        limits: Limits,
+        *,
+        failure: Callable[[str], Exception],
+        watch: Callable[[], None] | None = None,
+        environment: dict[str, str] | None = None,
+    ) -> str:
+        """Run a tool to completion (or until ``limits`` stop it); return its stdout."""
+        process = subprocess.Popen(
+            args,
+            env=environment or self._environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        while True:
+            try:
+                stdout, stderr = process.communicate(timeout=POLL_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                if watch is not None:
+                    watch()
+                why = limits.stopped()
+                if why:
+                    process.kill()
+                    process.communicate()
+                    raise Interrupted(why) from None
+        if process.returncode != 0:
+            lines = [line for line in stderr.strip().splitlines() if line.strip()]
+            raise failure(redact("; ".join(lines[-3:]) or f"exit status {process.returncode}"))
+        return stdout
+
+    @contextlib.contextmanager
+    def _connected(self) -> Iterator[Connection]:
+        engine: Engine = create_engine(
+            self.url,
+            poolclass=NullPool,
+            connect_args={
+                "connect_timeout": max(1, round(self.connect_timeout)),
+                "application_name": f"dbkeeper-backup pid {os.getpid()}",
+            },
+        )
+        try:
+            with engine.connect() as connection:
+                yield connection
+        finally:
+            engine.dispose()
+
+    # -- taking a copy ------------------------------------------------------------------------
+
+    def snapshot(self, target: Path, progress: Progress, limits: Limits) -> ContentFacts:
+        pg_dump = self.program("pg_dump")
+        dump_version, dump_major = self.version(pg_dump)
+        self._tool = f"pg_dump {dump_version}"
+        with self._connected() as connection:
+            server = connection.execute(text("SHOW server_version")).scalar_one()
+            server_major = int(connection.execute(text("SHOW server_version_num")).scalar_one())
+            server_major //= 10000
+            if dump_major < server_major:
+                raise BackupError(
+                    f"pg_dump {dump_version} ({pg_dump}) cannot back up this PostgreSQL "
+                    f"{server} server: pg_dump must be of the server's major version "
+                    f"({server_major}) or newer. Install postgresql-client-{server_major} and "
+                    "point [backup] pg_bin_dir at its bin directory"
+                )
+            connection.rollback()  # end the implicit transaction: the snapshot needs its own
+            snapshot = connection.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True
+            )
+            with snapshot.begin():
+                exported = snapshot.execute(text("SELECT pg_export_snapshot()")).scalar_one()
+                facts = self._facts(snapshot)
+                self._run(
+                    [
+                        pg_dump,
+                        "--format=custom",
+                        f"--file={target}",
+                        f"--snapshot={exported}",
+                        "--no-password",
+                    ],
+                    limits,
+                    failure=lambda why: BackupError(f"pg_dump failed: {why}"),
+                    watch=lambda: progress("snapshot", _size_of(target), None),
+                )
+        with open(target, "rb") as handle:
+            os.fsync(handle.fileno())
+        progress("snapshot", _size_of(target), _size_of(target))
+        return facts
+
+    @staticmethod
+    def _facts(connection: Connection) -> ContentFacts:
+        """The revision and the rows of every table, in the dump's snapshot."""
+        current = connection.execute(text("SELECT current_schema()")).scalar_one()
+        rows = connection.execute(
+            text(
+                "SELECT schemaname, tablename FROM pg_tables WHERE schemaname NOT IN "
+                "('pg_catalog', 'information_schema') ORDER BY schemaname, tablename"
+            )
+        ).all()
+        tables: dict[str, int | None] = {}
+        for schema, table in rows:
+            name = table if schema == current else f"{schema}.{table}"
+            query = f"SELECT count(*) FROM {_quoted(schema)}.{_quoted(table)}"
+            tables[name] = int(connection.execute(text(query)).scalar_one())
+        revision = None
+        if "alembic_version" in tables:
+            revision = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        return ContentFacts(revision, tables)
+
+    # -- proving a copy sound -----------------------------------------------------------------
+
+    def check(self, raw: Path, progress: Progress, limits: Limits) -> ContentFacts:
+        """The table of contents, every byte through ``pg_restore -f /dev/null``, the revision."""
+        if raw.stat().st_size == 0:
+            raise InvalidBackup("is empty (0 bytes)")
+        pg_restore = self.program("pg_restore")
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        size = raw.stat().st_size
+        progress("check", 0, size)
+        toc = self._run(
+            [pg_restore, "--list", str(raw)],
+            limits,
+            failure=lambda why: InvalidBackup(f"is not a readable pg_dump archive ({why})"),
+            environment=environment,
+        )
+        self._run(
+            [pg_restore, "--file=/dev/null", str(raw)],
+            limits,
+            failure=lambda why: InvalidBackup(f"is damaged: pg_restore cannot read it all ({why})"),
+            environment=environment,
+        )
+        tables: dict[str, int | None] = {}
+        for line in toc.splitlines():
+            match = _TOC_TABLE.match(line)
+            if match:
+                schema, table = match.groups()
+                tables[table if schema == "public" else f"{schema}.{table}"] = None
+        revision = None
+        if "alembic_version" in tables:
+            data = self._run(
+                [pg_restore, "--data-only", "--table=alembic_version", "--file=-", str(raw)],
+                limits,
+                failure=lambda why: InvalidBackup(f"is damaged ({why})"),
+                environment=environment,
+            )
+            revision = _copy_first_value(data)
+        progress("check", size, size)
+        return ContentFacts(revision, tables)
+
+    # -- restoring ----------------------------------------------------------------------------
+
+    def staging(self) -> None:
+        return None  # pg_restore reads the dump where it is
+
+    def replace_live(self, raw: Path) -> None:
+        """One transaction: every object of the dump dropped and recreated, or nothing."""
+        pg_restore = self.program("pg_restore")
+        environment = self._environment()
+        options = environment.get("PGOPTIONS", "")
+        environment["PGOPTIONS"] = f"{options} -c lock_timeout={RESTORE_LOCK_TIMEOUT}".strip()
+        self._run(
+            [
+                pg_restore,
+                "--clean",
+                "--if-exists",
+                "--single-transaction",
+                "--no-owner",
+                "--no-password",
+                f"--dbname={self.url.database}",
+                str(raw),
+            ],
+            Limits(),
+            failure=lambda why: BackupError(f"pg_restore failed and rolled back: {why}"),
+            environment=environment,
+        )
+
+    def set_aside(self, label: str) -> list[Path]:
+        raise NotImplementedError
+
+    def put_back(self, paths: list[Path]) -> None:
+        pass
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def hold(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def leftovers(self) -> list[Path]:
+        return []
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _copy_first_value(data: str) -> str | None:
+    """The first value of the first ``COPY ... FROM stdin`` block of a data-only script."""
+    lines = iter(data.splitlines())
+    for line in lines:
+        if line.startswith("COPY "):
+            value = next(lines, "\\.")
+            return None if value == "\\." else value.split("\t")[0]
+    return None

@@ -1,0 +1,313 @@
+"""SQLite backups: the online backup API under a pinned read snapshot, checks on immutable copies.
+
+Why not copy the file: a WAL database's committed pages may still sit in ``-wal`` (copying the
+``.db`` alone lost every row in our measurement). Why not a plain stepwise backup: a write from
+another connection restarts it from page 1, so under a busy bot it never finishes.
+
+The copy here opens a read transaction on the source first and keeps it open while
+``Connection.backup`` copies a few MiB per step. In WAL mode that transaction pins one
+snapshot: the source pager is never reset between steps, so the copy does not restart (SQLite
+restarts a backup only when its source pager sees the database change), writers keep
+committing to the WAL without waiting, and the copy holds exactly the rows committed when the
+transaction began. Steps let the progress callback report bytes and abandon the copy at a
+deadline. A database not in WAL mode would block writers for the whole copy that way, so it
+is copied in one step instead.
+
+The target is a scratch file: no journal, no syncs while copying, one fsync at the end (the
+manager renames it into place only after verifying it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+from .backup_engine import ContentFacts, Interrupted, Limits, Progress
+from .backup_store import TEMP_PREFIX, fsync_directory, remove
+from .errors import BackupError, InvalidBackup
+
+log = logging.getLogger("dbkeeper.backup")
+STEP_BYTES = 16 << 20
+SQLITE_MAGIC = b"SQLite format 3\x00"
+PROGRESS_OPCODES = 50_000  # how often a running check looks at the deadline
+
+
+def _uri(path: Path, **options: str) -> str:
+    query = "&".join(f"{key}={value}" for key, value in options.items())
+    return f"file:{quote(str(path.resolve()))}?{query}"
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class SqliteBackupEngine:
+    kind = "sqlite"
+    raw_suffix = ".db"
+    compressible = True
+    raw_compression = "none"
+    can_set_aside = True
+
+    def __init__(self, file: Path | None, *, busy_timeout_ms: int = 5000) -> None:
+        self.file = file
+        self.busy_timeout = busy_timeout_ms / 1000
+        self._held: int | None = None
+
+    # -- the live database --------------------------------------------------------------------
+
+    def unavailable(self) -> str | None:
+        if self.file is None:
+            return "an in-memory SQLite database lives only inside its process: nothing to back up"
+        return None
+
+    def source(self) -> str:
+        return str(self.file)
+
+    def live_exists(self) -> bool:
+        return self.file is not None and self.file.is_file()
+
+    def live_bytes(self) -> int:
+        if self.file is None:
+            return 0
+        total = 0
+        for path in (self.file, self._side("-wal")):
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size
+        return total
+
+    def tool(self) -> str:
+        return f"SQLite {sqlite3.sqlite_version} backup API"
+
+    def _side(self, suffix: str) -> Path:
+        assert self.file is not None
+        return self.file.with_name(self.file.name + suffix)
+
+    # -- taking a copy ------------------------------------------------------------------------
+
+    def snapshot(self, target: Path, progress: Progress, limits: Limits) -> ContentFacts | None:
+        assert self.file is not None
+        if not self.file.is_file():
+            raise BackupError(f"there is no database at {self.file}: nothing to back up")
+        # Read-write (never creating): it can recover a log a crashed writer left, and as the
+        # last connection it checkpoints and removes -wal/-shm when it closes, as the bot does.
+        source = sqlite3.connect(
+            _uri(self.file, mode="rw"),
+            uri=True,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            wal = source.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+            page_size = source.execute("PRAGMA page_size").fetchone()[0]
+            if wal:
+                source.execute("BEGIN")
+                source.execute("SELECT count(*) FROM sqlite_master").fetchone()  # pins it
+            self._copy(source, target, page_size, wal, progress, limits)
+            if wal:
+                source.execute("COMMIT")
+        except sqlite3.Error as error:
+            raise _sqlite_failure(error, "copying the database") from error
+        finally:
+            source.close()
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return None
+
+    def _copy(
+        self,
+        source: sqlite3.Connection,
+        target: Path,
+        page_size: int,
+        stepwise: bool,
+        progress: Progress,
+        limits: Limits,
+    ) -> None:
+        last_remaining: list[int] = []
+
+        def step(_status: int, remaining: int, total: int) -> None:
+            if last_remaining and remaining > last_remaining[-1]:
+                # Cannot happen under a pinned snapshot; if it ever does, say so loudly.
+                raise BackupError("the copy restarted: the source changed under its snapshot")
+            last_remaining.append(remaining)
+            progress("snapshot", (total - remaining) * page_size, total * page_size)
+            limits.check()
+
+        target_db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
+        try:
+            target_db.execute("PRAGMA journal_mode = OFF")  # a scratch file: no journal ...
+            target_db.execute("PRAGMA synchronous = OFF")  # ... and one fsync at the end
+            pages = max(1, STEP_BYTES // page_size) if stepwise else -1
+            source.backup(target_db, pages=pages, progress=step, sleep=0.05)
+        finally:
+            target_db.close()
+
+    # -- proving a copy sound -----------------------------------------------------------------
+
+    def check(self, raw: Path, progress: Progress, limits: Limits) -> ContentFacts:
+        """SQLite's header, ``PRAGMA integrity_check``, then the revision and rows per table."""
+        with open(raw, "rb") as handle:
+            header = handle.read(len(SQLITE_MAGIC))
+        if not header:
+            raise InvalidBackup("is empty (0 bytes)")
+        if header != SQLITE_MAGIC:
+            raise InvalidBackup("is not a SQLite database (its header is not SQLite's)")
+        size = raw.stat().st_size
+        progress("check", 0, size)
+        # immutable: read as a plain file, no locks, no -wal/-shm created beside it.
+        connection = sqlite3.connect(
+            _uri(raw, mode="ro", immutable="1"), uri=True, check_same_thread=False
+        )
+        connection.set_progress_handler(lambda: 1 if limits.stopped() else 0, PROGRESS_OPCODES)
+        try:
+            try:
+                problems = [row[0] for row in connection.execute("PRAGMA integrity_check(10)")]
+            except sqlite3.DatabaseError as error:
+                if limits.stopped() or isinstance(error, sqlite3.OperationalError):
+                    raise
+                problems = [str(error)]
+            if problems != ["ok"]:
+                lines = [" ".join(line.split()) for p in problems for line in p.splitlines()]
+                lines = [line for line in lines if line and not line.startswith("***")]
+                raise InvalidBackup(
+                    "fails SQLite's integrity check: "
+                    + "; ".join(line[:160] for line in lines[:3])
+                    + (f" (and {len(lines) - 3} more problems)" if len(lines) > 3 else "")
+                )
+            names = [
+                row[0]
+                for row in connection.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' "
+                    "AND name NOT LIKE 'sqlite_%' ORDER BY name"
+                )
+            ]
+            tables: dict[str, int | None] = {
+                name: connection.execute(f"SELECT count(*) FROM {_quoted(name)}").fetchone()[0]
+                for name in names
+            }
+            revision = None
+            if "alembic_version" in tables:
+                row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+                revision = row[0] if row else None
+        except sqlite3.OperationalError as error:
+            if limits.stopped():
+                raise Interrupted(limits.stopped() or "was stopped") from error
+            raise InvalidBackup(f"cannot be read as a database ({error})") from error
+        except sqlite3.DatabaseError as error:
+            raise InvalidBackup(f"is damaged: SQLite says {error}") from error
+        finally:
+            connection.close()
+        progress("check", size, size)
+        return ContentFacts(revision, tables)
+
+    # -- restoring ----------------------------------------------------------------------------
+
+    def staging(self) -> Path:
+        """Beside the live database: the swap is then a rename within one file system."""
+        assert self.file is not None
+        name = f"{TEMP_PREFIX}restore-{self.file.name}.{os.getpid()}-{secrets.token_hex(4)}"
+        return self.file.with_name(name)
+
+    def replace_live(self, raw: Path) -> None:
+        assert self.file is not None
+        try:
+            mode = self.file.stat().st_mode & 0o777
+        except FileNotFoundError:
+            mode = 0o600
+        os.chmod(raw, mode)
+        # Every connection is closed and the log checkpointed; a -wal left beside the new file
+        # would be replayed into it, so the side files go first.
+        for suffix in ("-wal", "-shm", "-journal"):
+            remove(self._side(suffix))
+        os.replace(raw, self.file)
+        fsync_directory(self.file.parent)
+
+    def set_aside(self, label: str) -> list[Path]:
+        """``bot.db`` -> ``bot.db.<label>`` (its ``-wal`` too: it may hold committed rows)."""
+        assert self.file is not None
+        moved = []
+        for suffix in ("", "-wal"):
+            source = self._side(suffix) if suffix else self.file
+            if source.exists():
+                target = self.file.with_name(f"{self.file.name}.{label}{suffix}")
+                os.replace(source, target)
+                moved.append(target)
+        remove(self._side("-shm"))
+        fsync_directory(self.file.parent)
+        return moved
+
+    def put_back(self, paths: list[Path]) -> None:
+        assert self.file is not None
+        for path in paths:
+            suffix = "-wal" if path.name.endswith("-wal") else ""
+            os.replace(path, self._side(suffix) if suffix else self.file)
+
+    def leftovers(self) -> list[Path]:
+        if self.file is None or not self.file.parent.is_dir():
+            return []
+        pattern = f"{TEMP_PREFIX}restore-{self.file.name}.*"
+        return sorted(self.file.parent.glob(pattern))
+
+    # -- who uses the live database -----------------------------------------------------------
+
+    def _lock_path(self) -> Path:
+        return self._side(".inuse.lock")
+
+    def hold(self) -> None:
+        """A shared lock for as long as the bot runs: restores from other processes refuse."""
+        if self.file is None or self._held is not None:
+            return
+        fd = os.open(self._lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            log.warning("another process is restoring %s right now", self.file)
+            return
+        self._held = fd
+
+    def release(self) -> None:
+        if self._held is not None:
+            fd, self._held = self._held, None
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """No other process may have the database open while its file is replaced."""
+        if self.file is None:
+            yield
+            return
+        own = self._held
+        fd = own if own is not None else os.open(self._lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BackupError(
+                    f"the database {self.file} is in use by a running bot (another process): "
+                    "replacing its file under it would lose what it writes next. Stop the bot "
+                    "and restore again, or restore from the running bot. Nothing was changed."
+                ) from None
+            yield
+        finally:
+            if own is not None:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            else:
+                os.close(fd)
+
+
+def _sqlite_failure(error: sqlite3.Error, doing: str) -> BackupError:
+    text = str(error)
+    if "disk is full" in text or getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return BackupError(f"{doing} failed: no space left on the device ({text})")
+    return BackupError(f"{doing} failed: {type(error).__name__}: {text}")
