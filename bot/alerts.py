@@ -292,6 +292,9 @@ class Alerter:
     def __init__(self, settings: Settings, bot: Bot | None) -> None:
         self.policy = AlertPolicy(settings.health.alert_repeat_seconds)
         self.logged = 0
+        # With several instances on one database only the leader alerts; this names the
+        # leader while this instance stands by (None: send). Set by the database plugin.
+        self.standing_by: Callable[[], str | None] = lambda: None
         telegram = settings.telegram
         chats = [telegram.alert_chat_id] if telegram.alert_chat_id else list(telegram.admin_ids)
         self.telegram: TelegramSender | None = None
@@ -319,6 +322,10 @@ class Alerter:
 
     def _send(self, text: str) -> None:
         text = redact(text)
+        leader = self.standing_by()
+        if leader is not None:
+            log.info("not alerting (standby; %s leads and alerts): %s", leader, text[:200])
+            return
         self.logged += 1
         log.warning("ALERT %s", text.replace("\n", " | "))
         if self.telegram is not None:

@@ -23,7 +23,7 @@ ENV_OVERRIDES = {
     "DATABASE_URL": ("database", "url"),
 }
 DEFAULT_CONFIG_PATH = Path("config.toml")
-SECRET_KEYS = {("telegram", "token"), ("database", "url")}
+SECRET_KEYS = {("telegram", "token"), ("telegram", "webhook_secret"), ("database", "url")}
 
 
 class ConfigError(Exception):
@@ -111,6 +111,9 @@ class TelegramSettings:
     api_base_url: str = _setting("", http_url_or_empty, doc="e.g. a local Bot API server")
     webhook_url: str = _setting("", http_url_or_empty, doc="set: webhook mode; empty: polling")
     webhook_port: int = _setting(8443, port, doc="port of PTB's webhook server")
+    webhook_listen: str = _setting("0.0.0.0", doc="address PTB's webhook server binds")
+    webhook_secret: str = _setting("", doc="checked on every webhook request; empty: none")
+    local_bot_api: bool = _setting(False, doc="api_base_url is a local Bot API (2000 MB uploads)")
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,14 @@ class BackupSettings:
 
 
 @dataclass(frozen=True)
+class InstanceSettings:
+    name: str = _setting("", doc="this instance's name in answers; empty: host:pid")
+    leader_poll_seconds: float = _setting(
+        5, positive, doc="how often instances check who leads (a standby takes over this fast)"
+    )
+
+
+@dataclass(frozen=True)
 class ShutdownSettings:
     timeout_seconds: float = _setting(9, positive, doc="budget for the whole graceful shutdown")
 
@@ -190,6 +201,7 @@ class Settings:
     migrations: MigrationSettings = field(default_factory=MigrationSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
     backup: BackupSettings = field(default_factory=BackupSettings)
+    instance: InstanceSettings = field(default_factory=InstanceSettings)
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: str = field(default="built-in defaults", compare=False)
@@ -203,7 +215,7 @@ class Settings:
         """Values that must never reach logs, chat messages or HTTP answers."""
         from sqlalchemy.engine import make_url
 
-        found = [self.telegram.token] if self.telegram.token else []
+        found = [v for v in (self.telegram.token, self.telegram.webhook_secret) if v]
         password = make_url(self.database.url).password
         if password:
             found.append(str(password))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Literal
 
 from telegram.ext import Application, JobQueue
 
+from bot.admin import AdminGuard
 from bot.alerts import Alerter
 from bot.config import Settings
 from bot.health import HealthRegistry
@@ -19,7 +22,16 @@ from bot.monitor import HealthMonitor
 from bot.plugin import Deadline, Plugin, StartupError
 from bot.telegram_check import TelegramAPICheck
 
+if TYPE_CHECKING:
+    from plugins.database.leader import Leadership
+
 log = logging.getLogger("dbkeeper.host")
+
+
+def default_instance_name() -> str:
+    """``host:pid``: unique among instances, and says where to look."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
 State = Literal["starting", "running", "stopping", "stopped"]
 
 
@@ -49,6 +61,10 @@ class Host:
         self.monitor.add_listener(self.alerts.observe)
         self.metrics = Metrics(self.monitor, self.alerts)
         self.http = HealthServer(self)
+        self.admin = AdminGuard(settings.telegram.admin_ids, settings.telegram.alert_chat_id)
+        self.instance = settings.instance.name or default_instance_name()
+        self.leadership: Leadership | None = None  # set when instances elect a leader
+        self._telegram_ready: list[Callable[[], Awaitable[None]]] = []
         if self.telegram_enabled:
             self.health.add("telegram_api", TelegramAPICheck(application.bot))
         for plugin in plugins:
@@ -78,6 +94,39 @@ class Host:
         """
         await self.alerts.alert(text, key=key)
 
+    @property
+    def is_leader(self) -> bool:
+        return self.leadership is None or self.leadership.is_leader
+
+    @property
+    def leader(self) -> str | None:
+        """The leading instance's name (this one's without an election)."""
+        return self.instance if self.leadership is None else self.leadership.leader
+
+    def set_leadership(self, leadership: Leadership) -> None:
+        """Only the leader alerts from now on; standbys log what they would have sent."""
+        self.leadership = leadership
+        self.alerts.standing_by = lambda: (
+            None if leadership.is_leader else (leadership.leader or "another instance")
+        )
+
+    def describe_instance(self) -> str:
+        """Which instance answers and which one leads, for chat answers."""
+        if self.is_leader:
+            return f"answered by {self.instance} (the leader)"
+        return f"answered by {self.instance}; {self.leader or 'no instance'} leads"
+
+    def on_telegram_ready(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` once the Bot API is reachable (command menus and the like)."""
+        self._telegram_ready.append(callback)
+
+    async def telegram_ready(self) -> None:
+        for callback in self._telegram_ready:
+            try:
+                await callback()
+            except Exception:
+                log.exception("a Telegram start-up step failed; the bot runs on")
+
     def add(self, plugin: Plugin) -> None:
         self.plugins.append(plugin)
         plugin.setup(self)
@@ -106,6 +155,7 @@ class Host:
         (until ``deadline``), and the HTTP API closes last."""
         self.state = "stopping"
         await self.monitor.stop()
+        log.info("shutdown: health monitor stopped")
         while self._started:
             plugin = self._started.pop()
             try:

@@ -95,7 +95,10 @@ class HealthServer:
             }
             return web.json_response(body, status=503, headers=NO_STORE)
         code = 503 if report.status is Status.UNHEALTHY else 200
-        return web.json_response(report.to_json(self.host.uptime), status=code, headers=NO_STORE)
+        body = report.to_json(self.host.uptime)
+        body["instance"] = self.host.instance  # each instance answers with its own view
+        body["leader"] = self.host.leader
+        return web.json_response(body, status=code, headers=NO_STORE)
 
     async def _livez(self, _request: web.Request) -> web.Response:
         body = {"status": "alive", "uptime": round(self.host.uptime, 3)}

@@ -12,9 +12,10 @@ Startup
      the next ones are scheduled every ``[health] interval_seconds``. ``/readyz`` answers
      from the checks from here on.
   5. The job queue starts: scheduled health checks and backups run from here on.
-  6. Telegram mode: connect to the Bot API (retrying while it is unreachable), then take
-     updates. Local mode (no token): one log line says so; nothing talks to Telegram and
-     alerts go to the log.
+  6. Telegram mode: connect to the Bot API (retrying while it is unreachable), register the
+     admins' command menu, then take updates: through the webhook on every instance, or by
+     polling on the leader only (a standby starts polling when it takes over). Local mode (no
+     token): one log line says so; nothing talks to Telegram and alerts go to the log.
 
 Running, until a signal arrives.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from urllib.parse import urlsplit
 
 from telegram.error import InvalidToken, TelegramError
 
@@ -138,6 +140,7 @@ async def _run(host: Host, stop: StopRequest) -> int:
         await application.stop()
     else:
         await host.job_queue.stop(wait=True)
+    log.info("shutdown: running handlers and jobs finished")
     # Shutdown 3-4: health checks, plugins in reverse order (the database last), alerts, HTTP.
     await host.stop(deadline)
     # Shutdown 5: the Bot API connection.
@@ -169,10 +172,53 @@ async def _start_telegram(host: Host, stop: StopRequest) -> None:
     if stop.event.is_set():
         return
     log.info("connected to the Telegram Bot API as @%s", application.bot.username)
-    if application.updater is not None:
-        await application.updater.start_polling(error_callback=_log_polling_error)
+    await host.telegram_ready()
     await application.start()
-    log.info("taking updates from Telegram")
+    telegram = host.settings.telegram
+    if telegram.webhook_url:
+        await _serve_webhook(host)
+    elif application.updater is not None:
+        await _poll_while_leading(host)
+
+
+async def _serve_webhook(host: Host) -> None:
+    """Webhook mode: every instance serves the updates Telegram sends it (PTB's server)."""
+    telegram = host.settings.telegram
+    updater = host.application.updater
+    assert updater is not None
+    await updater.start_webhook(
+        listen=telegram.webhook_listen,
+        port=telegram.webhook_port,
+        url_path=urlsplit(telegram.webhook_url).path.lstrip("/"),
+        webhook_url=telegram.webhook_url,
+        secret_token=telegram.webhook_secret or None,
+    )
+    log.info(
+        "taking updates from Telegram through the webhook (%s:%d)",
+        telegram.webhook_listen,
+        telegram.webhook_port,
+    )
+
+
+async def _poll_while_leading(host: Host) -> None:
+    """Polling mode: Telegram serves one getUpdates poller per token (a second gets 409
+    Conflict), so only the leader polls; a standby starts when it takes over."""
+    updater = host.application.updater
+    assert updater is not None
+
+    async def follow(is_leader: bool) -> None:
+        if is_leader and not updater.running:
+            await updater.start_polling(error_callback=_log_polling_error)
+            log.info("taking updates from Telegram (polling)")
+        elif not is_leader and updater.running:
+            await updater.stop()
+            log.info("stopped polling: %s leads and polls", host.leader or "another instance")
+
+    if host.leadership is not None:
+        host.leadership.on_change(follow)
+        if not host.is_leader:
+            log.info("standing by: %s leads and polls Telegram", host.leader or "another instance")
+    await follow(host.is_leader)
 
 
 async def _release_bot(host: Host) -> None:

@@ -498,3 +498,31 @@ def test_pg_bin_dir_must_be_a_directory(tmp_path: Path) -> None:
     )
     settings = settings_from_mapping({"backup": {"pg_bin_dir": str(tmp_path)}}, environ={})
     assert settings.backup.pg_bin_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("old_reader", [False, True])
+def test_copy_takes_the_file_or_the_backup_api_and_both_hold_the_snapshot(
+    plugin_factory, tmp_path: Path, caplog: pytest.LogCaptureFixture, old_reader: bool
+) -> None:
+    """Usually the database file is copied in the kernel; a reader pinning WAL frames that are
+    not checkpointed yet makes the copy fall back to the backup API. Both copy every row."""
+    import sqlite3
+
+    plugin = plugin_factory(compression="none")
+    add_users(plugin, 500, text_size=100)
+    reader = sqlite3.connect(_database(plugin), isolation_level=None)
+    try:
+        if old_reader:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM users").fetchone()  # pins today's snapshot
+            add_users(plugin, 300, start=10_000, text_size=100)  # frames it cannot see
+        with caplog.at_level(logging.DEBUG, logger="dbkeeper.backup"):
+            info = plugin.backups.create("manual")
+    finally:
+        reader.close()
+    expected = "copying with the backup API" if old_reader else "copying the database file"
+    assert expected in caplog.text
+    assert info.tables["users"] == (800 if old_reader else 500)
+    assert (
+        len(sqlite_user_ids(decompressed(info.path, tmp_path / "copy.db"))) == info.tables["users"]
+    )

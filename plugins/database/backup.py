@@ -304,6 +304,7 @@ class BackupManager:
             for leftover in self.store.leftovers():  # we hold the directory: nobody writes them
                 remove(leftover)
             created_at, stem = self.store.claim_time(self._clock, self._sleep)
+            log.info("backup %s (%s) started", stem, reason)
             started = time.monotonic()  # a same-second wait is not the backup's duration
             info = self._take(reason, created_at, stem, started, limits, progress, temporary)
         except Exception as error:

@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
+
+from bot.health import in_daemon_thread
+from bot.host import default_instance_name
 
 from .locks import ADVISORY_NAMESPACE, AdvisoryLock, FileLock, NoLock
 from .service import DatabaseService
@@ -33,10 +35,6 @@ log = logging.getLogger("dbkeeper.leader")
 LEADER_LOCK_ID = 2
 LEADER_APPLICATION_NAME = "dbkeeper-leader "
 ChangeCallback = Callable[[bool], Awaitable[None]]
-
-
-def default_instance_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class _PostgresLeaderLock(AdvisoryLock):
@@ -122,6 +120,8 @@ class Leadership:
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[ChangeCallback] = []
         self._confirmed = True  # False while a leader cannot reach the database
+        self._pending: asyncio.Future[tuple[bool, str | None, bool]] | None = None
+        self._timeout = max(1.0, database.settings.connect_timeout_seconds)
 
     def on_change(self, callback: ChangeCallback) -> None:
         """Call ``callback(is_leader)`` whenever this instance gains or loses leadership."""
@@ -129,7 +129,7 @@ class Leadership:
 
     async def start(self) -> None:
         """Campaign once now (so a lone instance leads from the start), then keep polling."""
-        self._lock = await asyncio.to_thread(self._make_lock)
+        self._lock = self._make_lock()  # no I/O: engines connect lazily
         await self.poll()
         self._task = asyncio.create_task(self._run(), name="dbkeeper-leadership")
 
@@ -140,7 +140,10 @@ class Leadership:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self._lock is not None:
-            await asyncio.to_thread(self._release)
+            try:  # a hung server must not hold the exit: closing the session frees it anyway
+                await asyncio.wait_for(in_daemon_thread(self._release), self._timeout)
+            except TimeoutError:
+                log.warning("releasing the leader lock timed out; the server frees it")
         if self.is_leader:
             log.info("%s stepped down as leader", self.instance)
         self.is_leader = False
@@ -159,9 +162,24 @@ class Leadership:
                 log.exception("leader election poll failed")
 
     async def poll(self) -> None:
-        """One round: confirm our lock, or try to take it; note who leads; report changes."""
+        """One round: confirm our lock, or try to take it; note who leads; report changes.
+
+        The round runs on a daemon thread and is given up after a while: a server that stopped
+        answering leaves this instance in its current role, unconfirmed, and never hangs it.
+        """
+        if self._pending is not None and not self._pending.done():
+            self._confirmed = False  # the last round is still stuck on the server
+            return
         was_leader = self.is_leader
-        is_leader, leader, confirmed = await asyncio.to_thread(self._campaign)
+        self._pending = in_daemon_thread(self._campaign, name="dbkeeper-leadership")
+        try:
+            is_leader, leader, confirmed = await asyncio.wait_for(
+                asyncio.shield(self._pending), self._timeout
+            )
+        except TimeoutError:
+            self._confirmed = False
+            log.warning("leader election: the database did not answer; roles unchanged")
+            return
         self.is_leader, self.leader, self._confirmed = is_leader, leader, confirmed
         if is_leader != was_leader:
             if is_leader:

@@ -30,6 +30,7 @@ from .backup_engine import Progress
 from .backup_postgres import PostgresBackupEngine
 from .backup_sqlite import SqliteBackupEngine
 from .errors import BackupError, BackupInProgress, DatabaseError, MigrationError
+from .leader import Leadership
 from .migrator import MigrationReport, Migrator, ValidationReport
 from .service import DatabaseService
 
@@ -46,6 +47,7 @@ BACKUP_RETRY_JOB = "database-backup-retry"
 BACKUP_RETRY_SECONDS = 60.0
 # Of the shutdown budget, what the backup leaves for closing the database and sending alerts.
 SHUTDOWN_RESERVE_SECONDS = 1.5
+FIRST_BACKUP_SECONDS = 10.0  # after the start of a bot that has no backup yet
 
 
 class DatabasePlugin(Plugin):
@@ -60,6 +62,7 @@ class DatabasePlugin(Plugin):
         self.last_validation: ValidationReport | None = None
         self.backups = BackupManager(settings.backup, self._backup_engine(), self.migrator)
         self.last_safety_backup: BackupInfo | None = None  # before the last migration/downgrade
+        self.leadership: Leadership | None = None
         self._backup_stop = threading.Event()
         self._deferred: asyncio.Task[None] | None = None
 
@@ -74,6 +77,7 @@ class DatabasePlugin(Plugin):
 
         async def post_init(app: Application) -> None:
             await host.start()
+            await host.telegram_ready()  # run_polling has connected to the Bot API already
             if previous_init is not None:
                 await previous_init(app)
 
@@ -87,11 +91,17 @@ class DatabasePlugin(Plugin):
         return host
 
     def setup(self, host: Host) -> None:
+        from .commands import AdminCommands
         from .health import DatabaseHealth
 
         self.host = host
         self.health = DatabaseHealth(self)
         self.health.register(host)
+        if host.telegram_enabled:
+            commands = AdminCommands(self, host, host.admin, host.describe_instance)
+            commands.install(host.application)
+            host.on_telegram_ready(lambda: commands.register_menu(host.application))
+            host.admin.warn_if_no_admins()
 
     async def start(self) -> None:
         try:
@@ -101,13 +111,33 @@ class DatabasePlugin(Plugin):
             if self.host is not None:  # delivered before the process exits (Host.stop)
                 await self.host.alert(f"startup failed: {error}", key="startup")
             raise StartupError(str(error)) from error
+        if self.host is not None:
+            self.leadership = Leadership(
+                self.database,
+                instance=self.host.instance,
+                poll_seconds=self.settings.instance.leader_poll_seconds,
+            )
+            await self.leadership.start()
+            self.host.set_leadership(self.leadership)
         self._start_backups()
 
     async def stop(self, deadline: Deadline) -> None:
+        """Shutdown, in order: scheduled backups stop, the WAL is flushed, the final backup
+        (the leader's), the database closes, and the leader lock goes to a standby."""
         try:
-            await self._stop_backups(deadline)
+            await self._stop_backups()
+            await asyncio.to_thread(self.flush)
+            log.info("shutdown: database flushed")
+            if self.settings.backup.on_shutdown and self._takes_routine_backups():
+                await self._shutdown_backup(deadline)
+            elif self.settings.backup.on_shutdown:
+                log.info("shutdown: no final backup here (%s leads and takes it)", self._leader())
         finally:
+            self.backups.engine.release()
             await asyncio.to_thread(self.close)
+            log.info("shutdown: database closed")
+            if self.leadership is not None:
+                await self.leadership.stop()
 
     # -- the work, plain and blocking (the CLI calls these directly) --------------------------
 
@@ -280,11 +310,12 @@ class DatabasePlugin(Plugin):
         return report
 
     def _takes_routine_backups(self) -> bool:
-        """Whether this instance takes the scheduled and shutdown backups.
+        """Whether this instance takes the scheduled and shutdown backups: the leader does."""
+        leading = self.leadership is None or self.leadership.is_leader
+        return self.backups.available and leading
 
-        With several instances on one database only one should: leadership plugs in here.
-        """
-        return self.backups.available
+    def _leader(self) -> str:
+        return (self.leadership.leader if self.leadership else None) or "another instance"
 
     def _start_backups(self) -> None:
         """After a successful start: hold the database, schedule backups, finish old work."""
@@ -315,13 +346,14 @@ class DatabasePlugin(Plugin):
     def _first_backup_in(self, interval: float) -> float:
         """Seconds until the first scheduled backup: one interval after the newest routine one."""
         routine = [b for b in self.backups.list() if b.reason in ROUTINE_REASONS]
-        if not routine:
-            return interval
+        if not routine:  # a new database gets its first backup soon, not a day later
+            return min(interval, FIRST_BACKUP_SECONDS)
         age = (datetime.now(UTC) - routine[0].created_at).total_seconds()
         return min(interval, max(1.0, interval - age))
 
     async def _scheduled_backup(self, _context: CallbackContext) -> None:
         if not self._takes_routine_backups():
+            log.debug("scheduled backup left to the leader (%s)", self._leader())
             return
         try:
             await self.backup_now("scheduled")
@@ -345,17 +377,17 @@ class DatabasePlugin(Plugin):
         except Exception:
             log.exception("deferred compression failed")
 
-    async def _stop_backups(self, deadline: Deadline) -> None:
-        """Stop background compression, take the shutdown backup within the budget, let go."""
+    async def _stop_backups(self) -> None:
+        """No more scheduled backups; background compression stops at its next chunk."""
+        if self.host is not None:
+            for name in (BACKUP_JOB, BACKUP_RETRY_JOB):
+                for job in self.host.job_queue.get_jobs_by_name(name):
+                    job.schedule_removal()
         self._backup_stop.set()
         if self._deferred is not None:
             await self._deferred
             self._deferred = None
-        try:
-            if self.settings.backup.on_shutdown and self._takes_routine_backups():
-                await self._shutdown_backup(deadline)
-        finally:
-            self.backups.engine.release()
+        log.info("shutdown: scheduled backups stopped")
 
     async def _shutdown_backup(self, deadline: Deadline) -> None:
         budget = Deadline(deadline.at - SHUTDOWN_RESERVE_SECONDS)

@@ -126,7 +126,7 @@ def test_the_running_bot_backs_up_on_schedule_and_at_shutdown(tmp_path: Path) ->
             assert time.monotonic() < deadline, bot.output
             time.sleep(0.05)
         # Restoring under a running bot from another process is refused, nothing changes.
-        [name] = _backup_names(tmp_path)[:1]
+        name = _backup_names(tmp_path)[-1]  # the newest: rotation takes the oldest first
         code, output = run_cli(["backup", "restore", name, "--yes"], cwd=workdir)
         assert code == 1 and "is in use by a running bot" in output
         assert user_ids(url) == list(range(1, 11))

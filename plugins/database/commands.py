@@ -1,0 +1,249 @@
+"""The admin chat commands: /health, /dbstats, /backup, and /start or /help.
+
+Each handler is a thin caller of the plugin (the same methods the CLI and the HTTP API use);
+this module only decides what to say. Answers use HTML parse mode with every outside value
+escaped, are readable on a phone (one fact per line, the verdict first) and are split at
+Telegram's 4096 characters. The admin guard decides who is answered at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from telegram import BotCommand, BotCommandScopeChat, BotCommandScopeChatMember, Update
+from telegram.constants import ChatAction, FileSizeLimit, ParseMode
+from telegram.error import TelegramError
+from telegram.ext import Application, ContextTypes
+
+from bot.admin import AdminGuard
+from bot.health import HealthReport, Status
+from bot.texts import duration, escape, megabytes, split_message
+
+from .backup import BackupInfo, BackupStats
+from .errors import BackupError, BackupInProgress
+from .health import DatabaseStatistics
+
+if TYPE_CHECKING:
+    from bot.host import Host
+
+    from .plugin import DatabasePlugin
+
+log = logging.getLogger("dbkeeper.commands")
+ICONS = {Status.HEALTHY: "✅", Status.DEGRADED: "⚠️", Status.UNHEALTHY: "🔴"}
+MENU = [
+    BotCommand("health", "Database health, one line per check"),
+    BotCommand("dbstats", "Schema, migrations, tables and backups"),
+    BotCommand("backup", "Take a verified backup now"),
+    BotCommand("help", "What I can do"),
+]
+TABLES_SHOWN = 15
+ERROR_CHARS = 400  # an error quoted in an answer is cut here: the log has all of it
+
+
+class AdminCommands:
+    def __init__(
+        self, plugin: DatabasePlugin, host: Host, guard: AdminGuard, instance: Callable[[], str]
+    ) -> None:
+        self.plugin = plugin
+        self.host = host
+        self.guard = guard
+        self.instance = instance  # "which instance answered and which one leads"
+
+    def install(self, application: Application) -> None:
+        for name, callback in (
+            ("health", self.health),
+            ("dbstats", self.dbstats),
+            ("backup", self.backup),
+            ("start", self.help),
+            ("help", self.help),
+        ):
+            application.add_handler(self.guard.command(name, callback))
+
+    async def register_menu(self, application: Application) -> None:
+        """Show the command menu in the admins' chats only (who may run them is the guard's)."""
+        admins = sorted(self.guard.admin_ids)
+        scopes: list[BotCommandScopeChat | BotCommandScopeChatMember] = [
+            BotCommandScopeChat(admin) for admin in admins
+        ]
+        alert_chat = self.guard.alert_chat_id
+        if alert_chat and alert_chat not in self.guard.admin_ids:
+            scopes += [BotCommandScopeChatMember(alert_chat, admin) for admin in admins]
+        for scope in scopes:
+            try:
+                await application.bot.set_my_commands(MENU, scope=scope)
+            except TelegramError as error:
+                log.warning("could not register the command menu for %s: %s", scope.type, error)
+
+    # -- the commands ---------------------------------------------------------------------
+
+    async def help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        lines = ["<b>dbkeeper</b> keeps this bot's database alive. Commands:"]
+        lines += [f"/{c.command} — {escape(c.description)}" for c in MENU if c.command != "help"]
+        await self._answer(update, "\n".join(lines))
+
+    async def health(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        report = await self.host.monitor.check()
+        await self._answer(update, format_health(report, self.instance()))
+
+    async def dbstats(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        try:
+            stats = await self.plugin.health.statistics()
+        except Exception as error:  # a hung or unreachable database: say so, do not go silent
+            await self._answer(
+                update,
+                f"🔴 Cannot read the database statistics: {escape(_short(error))}\n"
+                "/health shows what is wrong.",
+            )
+            return
+        backups = await asyncio.to_thread(self.plugin.backups.stats)
+        text = format_dbstats(stats, backups, self.plugin.database.display_url, self.instance())
+        await self._answer(update, text)
+
+    async def backup(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if self.plugin.backups.running:
+            await self._answer(update, "⏳ A backup is already running; I did not start another.")
+            return
+        await self._answer(update, "⏳ Taking a backup…")
+        try:
+            info = await self.plugin.backup_now("manual")
+        except BackupInProgress:
+            await self._answer(update, "⏳ A backup is already running; I did not start another.")
+            return
+        except BackupError as error:
+            await self._answer(
+                update,
+                f"❌ The backup failed: {escape(_short(error))}\nOlder backups are untouched.",
+            )
+            return
+        await self._answer(update, format_backup(info))
+        if self.plugin.settings.backup.send_to_chat:
+            await self._upload(update, context, info)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _upload(
+        self, update: Update, context: ContextTypes.DEFAULT_TYPE, info: BackupInfo
+    ) -> None:
+        limit = self.upload_limit()
+        if info.size_bytes > limit:
+            where = (
+                "a local Bot API server"
+                if limit > FileSizeLimit.FILESIZE_UPLOAD
+                else ("Telegram's Bot API")
+            )
+            await self._answer(
+                update,
+                f"📎 Not sent: {megabytes(info.size_bytes)} is over the {megabytes(limit)} "
+                f"upload limit of {where}. The file stays in the backup directory.",
+            )
+            return
+        chat = update.effective_chat
+        assert chat is not None
+        await context.bot.send_chat_action(chat.id, ChatAction.UPLOAD_DOCUMENT)
+        data = await asyncio.to_thread(info.path.read_bytes)  # PTB would read it on the loop
+        try:
+            await context.bot.send_document(
+                chat.id,
+                document=data,
+                filename=info.name,
+                caption=f"sha256 {info.sha256}",
+                write_timeout=300,
+                read_timeout=300,
+            )
+        except TelegramError as error:
+            await self._answer(update, f"📎 Not sent: {escape(_short(error))}")
+
+    def upload_limit(self) -> int:
+        if self.plugin.settings.telegram.local_bot_api:
+            return int(FileSizeLimit.FILESIZE_UPLOAD_LOCAL_MODE)
+        return int(FileSizeLimit.FILESIZE_UPLOAD)
+
+    async def _answer(self, update: Update, text: str) -> None:
+        message = update.effective_message
+        assert message is not None
+        for piece in split_message(text):
+            await message.reply_text(piece, parse_mode=ParseMode.HTML, do_quote=False)
+
+
+# -- what the answers say (pure: tested without Telegram) -------------------------------------
+
+
+def format_health(report: HealthReport, instance: str = "") -> str:
+    age = report.age()
+    lines = [f"{ICONS[report.status]} <b>{report.status.value}</b>"]
+    if instance:
+        lines.append(f"<i>{escape(instance)}</i>")
+    for check in sorted(report.checks.values(), key=lambda c: (-c.status.rank, c.name)):
+        latency = f" ({check.latency_ms:.0f} ms)" if check.latency_ms is not None else ""
+        lines.append(
+            f"{ICONS[check.status]} <b>{escape(check.name)}</b>: {escape(check.message)}{latency}"
+        )
+    lines.append(f"checked {duration(age)} ago" if age >= 1 else "checked just now")
+    return "\n".join(lines)
+
+
+def format_dbstats(
+    stats: DatabaseStatistics, backups: BackupStats, url: str, instance: str = ""
+) -> str:
+    status, migrations, overview = stats.status, stats.migrations, stats.overview
+    lines = [f"<b>Database</b> {escape(url)}"]
+    if instance:
+        lines.append(f"<i>{escape(instance)}</i>")
+    lines.append(f"Schema v{status.current_version} ({len(status.pending)} pending)")
+    last = _when(migrations.last_applied_at) if migrations.last_applied_at else "never"
+    lines.append(
+        f"Migrations: {migrations.applied} applied, {migrations.failed} failed, "
+        f"last {last}, {migrations.total_ms:,} ms in total"
+    )
+    lines.append(
+        f"Size {megabytes(stats.size_bytes)} · {overview.tables} tables · "
+        f"≈{overview.records:,} records"
+    )
+    ranked = sorted(overview.records_per_table.items(), key=lambda item: (-item[1], item[0]))
+    for name, records in ranked[:TABLES_SHOWN]:
+        lines.append(f"  • {escape(name)}: ≈{records:,}")
+    if len(ranked) > TABLES_SHOWN:
+        rest = sum(records for _, records in ranked[TABLES_SHOWN:])
+        lines.append(f"  … and {len(ranked) - TABLES_SHOWN} more tables (≈{rest:,} records)")
+    if backups.count:
+        assert backups.newest is not None and backups.oldest is not None
+        lines.append(
+            f"<b>Backups</b> {backups.count} · {megabytes(backups.total_bytes)} · newest "
+            f"{_when(backups.newest.created_at)} ({_ago(backups.newest.created_at)}) · oldest "
+            f"{_when(backups.oldest.created_at)}"
+        )
+    else:
+        lines.append("<b>Backups</b> none yet")
+    if backups.last_failure is not None:
+        lines.append(
+            f"⚠️ Last backup attempt failed {_ago(backups.last_failure.at)}: "
+            f"{escape(_short(backups.last_failure.error))}"
+        )
+    return "\n".join(lines)
+
+
+def format_backup(info: BackupInfo) -> str:
+    return (
+        f"✅ Backup <code>{escape(info.name)}</code>\n"
+        f"{megabytes(info.size_bytes)} ({escape(info.compression)}) in "
+        f"{info.duration_seconds:.1f}s · schema v{info.schema_version} · "
+        f"{len(info.tables)} tables, {info.rows:,} rows\n"
+        f"Verified: integrity ok, sha256 <code>{info.sha256[:16]}</code>…"
+    )
+
+
+def _when(moment: datetime) -> str:
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def _ago(moment: datetime) -> str:
+    return f"{duration((datetime.now(UTC) - moment).total_seconds())} ago"
+
+
+def _short(error: BaseException | str) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= ERROR_CHARS else text[: ERROR_CHARS - 1] + "…"
