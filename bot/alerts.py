@@ -289,8 +289,8 @@ class TelegramSender:
 class Alerter:
     """The host's alerts: health transitions and events, to Telegram or to the log."""
 
-    def __init__(self, settings: Settings, bot: Bot | None) -> None:
-        self.policy = AlertPolicy(settings.health.alert_repeat_seconds)
+    def __init__(self, settings: Settings, bot: Bot | None, *, source: str | None = None) -> None:
+        self.policy = AlertPolicy(settings.health.alert_repeat_seconds, source=source)
         self.logged = 0
         # With several instances on one database only the leader alerts; this names the
         # leader while this instance stands by (None: send). Set by the database plugin.

@@ -32,6 +32,7 @@ def default_instance_name() -> str:
     """``host:pid``: unique among instances, and says where to look."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
+
 State = Literal["starting", "running", "stopping", "stopped"]
 
 
@@ -57,12 +58,14 @@ class Host:
         self._born = time.monotonic()
         self.health = HealthRegistry(timeout=settings.health.check_timeout_seconds)
         self.monitor = HealthMonitor(self.health, settings.health)
-        self.alerts = Alerter(settings, application.bot if self.telegram_enabled else None)
+        self.instance = settings.instance.name or default_instance_name()
+        self.alerts = Alerter(
+            settings, application.bot if self.telegram_enabled else None, source=self.instance
+        )
         self.monitor.add_listener(self.alerts.observe)
         self.metrics = Metrics(self.monitor, self.alerts)
         self.http = HealthServer(self)
         self.admin = AdminGuard(settings.telegram.admin_ids, settings.telegram.alert_chat_id)
-        self.instance = settings.instance.name or default_instance_name()
         self.leadership: Leadership | None = None  # set when instances elect a leader
         self._telegram_ready: list[Callable[[], Awaitable[None]]] = []
         if self.telegram_enabled:

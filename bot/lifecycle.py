@@ -116,6 +116,7 @@ async def _run(host: Host, stop: StopRequest) -> int:
     telegram: asyncio.Task[None] | None = None
     if host.telegram_enabled:
         telegram = asyncio.create_task(_start_telegram(host, stop), name="dbkeeper-telegram")
+        telegram.add_done_callback(lambda task: _telegram_start_failed(task, stop))
     else:
         log.info(
             "local mode: no Telegram token ([telegram] token or TELEGRAM_BOT_TOKEN), so chat "
@@ -179,6 +180,15 @@ async def _start_telegram(host: Host, stop: StopRequest) -> None:
         await _serve_webhook(host)
     elif application.updater is not None:
         await _poll_while_leading(host)
+
+
+def _telegram_start_failed(task: asyncio.Task[None], stop: StopRequest) -> None:
+    """A Telegram start that failed for good (not a retryable outage) stops the process."""
+    if task.cancelled() or task.exception() is None:
+        return
+    error = task.exception()
+    log.error("taking updates from Telegram failed", exc_info=error)
+    stop.fail(f"startup failed: cannot take updates from Telegram: {error}")
 
 
 async def _serve_webhook(host: Host) -> None:

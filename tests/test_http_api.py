@@ -19,6 +19,7 @@ from tests.support.telegram_api import DEFAULT_TOKEN, TelegramAPIStandIn
 from tests.test_health import corrupt_sqlite
 
 CONTRACT_KEYS = {"status", "timestamp", "uptime", "checks"}
+INSTANCE_KEYS = {"instance", "leader"}  # beyond the contract: which instance, which leads
 
 
 async def test_health_answers_the_contract_json_200_then_503_when_unhealthy(
@@ -31,7 +32,8 @@ async def test_health_answers_the_contract_json_200_then_503_when_unhealthy(
         for path in ("/health", "/api/health"):
             status, body, _ = await get(host, path)
             assert status == 200  # degraded (no backup yet) still answers 200
-            assert set(body) == CONTRACT_KEYS
+            assert set(body) == CONTRACT_KEYS | INSTANCE_KEYS
+            assert body["instance"] == body["leader"] == host.instance
             assert body["status"] == "degraded"
             assert abs(body["timestamp"] - time.time()) < 60
             assert 0 <= body["uptime"] < 60
