@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import socket
 import tomllib
 import types
 import typing
@@ -182,6 +183,11 @@ class InstanceSettings:
     leader_poll_seconds: float = _setting(
         5, positive, doc="how often instances check who leads (a standby takes over this fast)"
     )
+
+    @property
+    def display_name(self) -> str:
+        """The configured name, or ``host:pid``: unique among instances, and says where to look."""
+        return self.name or f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Literal
@@ -26,11 +24,6 @@ if TYPE_CHECKING:
     from plugins.database.leader import Leadership
 
 log = logging.getLogger("dbkeeper.host")
-
-
-def default_instance_name() -> str:
-    """``host:pid``: unique among instances, and says where to look."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 State = Literal["starting", "running", "stopping", "stopped"]
@@ -58,7 +51,7 @@ class Host:
         self._born = time.monotonic()
         self.health = HealthRegistry(timeout=settings.health.check_timeout_seconds)
         self.monitor = HealthMonitor(self.health, settings.health)
-        self.instance = settings.instance.name or default_instance_name()
+        self.instance = settings.instance.display_name
         self.alerts = Alerter(
             settings, application.bot if self.telegram_enabled else None, source=self.instance
         )

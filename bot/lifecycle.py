@@ -35,6 +35,7 @@ a half-written backup or a half-closed database.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from urllib.parse import urlsplit
@@ -110,6 +111,9 @@ async def _run(host: Host, stop: StopRequest) -> int:
         log.error("startup failed: %s", error)
         await _release_bot(host)
         return EXIT_STARTUP_FAILED
+    # Everything imported and built so far lives until exit: keeping it out of the garbage
+    # collector's way shortens its pauses (bench/README.md: a 61 ms stall became 14 ms).
+    gc.freeze()
     # Startup 5: scheduled work.
     await host.job_queue.start()
     # Startup 6: Telegram, or say once that there is none.

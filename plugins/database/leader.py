@@ -25,8 +25,8 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
+from bot.config import InstanceSettings
 from bot.health import in_daemon_thread
-from bot.host import default_instance_name
 
 from .locks import ADVISORY_NAMESPACE, AdvisoryLock, FileLock, NoLock
 from .service import DatabaseService
@@ -111,7 +111,7 @@ class Leadership:
         poll_seconds: float = 5.0,
     ) -> None:
         self.database = database
-        self.instance = instance or default_instance_name()
+        self.instance = instance or InstanceSettings().display_name
         self.poll_seconds = poll_seconds
         self.is_leader = False
         self.leader: str | None = None  # the leading instance's name, as last seen

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from bot.config import DatabaseSettings
 
@@ -80,7 +80,6 @@ class DatabaseService:
         self.dialect = self.url.get_backend_name()
         self.file: Path | None = sqlite_file(self.url)
         self._engine: Engine | None = None
-        self._sessions: sessionmaker[Session] | None = None
         self._workers = workers
         self._executor: ThreadPoolExecutor | None = None
         self._gate: WorkGate | None = None
@@ -132,7 +131,6 @@ class DatabaseService:
                 )
                 sleep(delay)
         self._engine = engine
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
         log.info("connected to %s", self.display_url)
 
     def close(self) -> None:
@@ -143,7 +141,6 @@ class DatabaseService:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
-            self._sessions = None
             log.info("closed the connection to %s", self.display_url)
 
     def _backoff(self, attempt: int) -> float:
@@ -181,8 +178,6 @@ class DatabaseService:
         On SQLite a writing session takes the write lock up front (BEGIN IMMEDIATE) so it waits
         for the busy timeout instead of failing when a read would have to upgrade to a write.
         """
-        if self._sessions is None:
-            raise RuntimeError("the database is not connected; call connect() first")
         bind = self.engine
         if self.dialect == "sqlite":
             bind = bind.execution_options(**{SQLITE_BEGIN: "IMMEDIATE" if write else "DEFERRED"})

@@ -121,8 +121,12 @@ def test_a_second_backup_while_one_runs_is_told_so(tmp_path: Path, api: Telegram
         _fill(tmp_path, 24)
         api.push_command("/backup", user_id=ADMIN)
         api.push_command("/backup", user_id=ADMIN)
+        bot.wait_for_line("(manual) started")
+        api.push_command("/health", user_id=ADMIN)  # answered while the backup runs
         api.wait_for_message("✅ Backup", chat_id=ADMIN, timeout=60)
         texts = _texts(api, ADMIN)
+        health = next(i for i, t in enumerate(texts) if "database_migrations" in t)
+        assert health < texts.index(next(t for t in texts if t.startswith("✅ Backup")))
         assert sum("already running" in t for t in texts) == 1
         assert sum(t.startswith("✅ Backup") for t in texts) == 1
         assert len(_backups(tmp_path)) == 1
@@ -157,7 +161,10 @@ def test_sigterm_during_a_backup_finishes_it_then_shuts_down_in_order(
         api.push_command("/backup", user_id=ADMIN)
         bot.wait_for_line("(manual) started")
         started = time.monotonic()
-        code = bot.stop(signal.SIGTERM)
+        bot.send(signal.SIGTERM)
+        bot.wait_for_line("shutdown: taking the final backup")
+        bot.send(signal.SIGTERM)  # an impatient second signal changes nothing
+        code = bot.wait()
         elapsed = time.monotonic() - started
     output = bot.output
     assert code == 0, output
@@ -178,6 +185,7 @@ def test_sigterm_during_a_backup_finishes_it_then_shuts_down_in_order(
         "shutdown: scheduled backups stopped",
         "shutdown: database flushed",
         "shutdown: taking the final backup",
+        "received SIGTERM again: the graceful shutdown is already running",
         "(shutdown): ",
         "shutdown: database closed",
         "shutdown complete",
