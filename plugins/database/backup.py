@@ -63,7 +63,7 @@ from .compression import (
     decompress,
     hash_file,
 )
-from .errors import BackupError, BackupInProgress, InvalidBackup
+from .errors import BackupError, BackupInProgress, InvalidBackup, describe_error
 from .manifest import Manifest, read_manifest
 
 log = logging.getLogger("dbkeeper.backup")
@@ -841,7 +841,7 @@ class BackupManager:
             )
         if isinstance(error, BackupError):
             return f"the {reason} backup failed: {error}; {kept}"
-        return f"the {reason} backup failed: {type(error).__name__}: {error}; {kept}"
+        return f"the {reason} backup failed: {describe_error(error)}; {kept}"
 
     def _record_failure(self, reason: str, message: str) -> None:
         at = self._clock()

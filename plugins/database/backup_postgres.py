@@ -179,12 +179,17 @@ class PostgresBackupEngine:
         return stdout
 
     @contextlib.contextmanager
-    def _connected(self) -> Iterator[Connection]:
+    def _connected(self, limits: Limits | None = None) -> Iterator[Connection]:
+        """A connection whose connect wait also ends with the backup's deadline (shutdown)."""
+        timeout = self.connect_timeout
+        remaining = limits.remaining() if limits is not None else None
+        if remaining is not None:
+            timeout = min(timeout, remaining)
         engine: Engine = create_engine(
             self.url,
             poolclass=NullPool,
             connect_args={
-                "connect_timeout": max(1, round(self.connect_timeout)),
+                "connect_timeout": max(1, round(timeout)),
                 "application_name": f"dbkeeper-backup pid {os.getpid()}",
             },
         )
@@ -200,7 +205,7 @@ class PostgresBackupEngine:
         pg_dump = self.program("pg_dump")
         dump_version, dump_major = self.version(pg_dump)
         self._tool = f"pg_dump {dump_version}"
-        with self._connected() as connection:
+        with self._connected(limits) as connection:
             server = connection.execute(text("SHOW server_version")).scalar_one()
             server_major = int(connection.execute(text("SHOW server_version_num")).scalar_one())
             server_major //= 10000

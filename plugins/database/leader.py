@@ -133,15 +133,20 @@ class Leadership:
         await self.poll()
         self._task = asyncio.create_task(self._run(), name="dbkeeper-leadership")
 
-    async def stop(self) -> None:
-        """Stop campaigning and hand the lock back so a standby takes over at once."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop campaigning and hand the lock back so a standby takes over at once.
+
+        Handing back waits at most ``timeout`` seconds (a hung server): the lock goes with the
+        session anyway when the process exits.
+        """
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self._lock is not None:
             try:  # a hung server must not hold the exit: closing the session frees it anyway
-                await asyncio.wait_for(in_daemon_thread(self._release), self._timeout)
+                limit = self._timeout if timeout is None else min(self._timeout, timeout)
+                await asyncio.wait_for(in_daemon_thread(self._release), max(0.1, limit))
             except TimeoutError:
                 log.warning("releasing the leader lock timed out; the server frees it")
         if self.is_leader:

@@ -137,7 +137,7 @@ class DatabasePlugin(Plugin):
             await asyncio.to_thread(self.close)
             log.info("shutdown: database closed")
             if self.leadership is not None:
-                await self.leadership.stop()
+                await self.leadership.stop(timeout=deadline.remaining())
 
     # -- the work, plain and blocking (the CLI calls these directly) --------------------------
 

@@ -147,3 +147,27 @@ def test_a_hung_postgresql_answers_503_in_time_and_shutdown_completes(
             code = bot.stop(signal.SIGTERM, timeout=20)
             assert code == 0, bot.output
         assert bot.output.rstrip().endswith("shutdown complete")
+
+
+def test_a_hung_postgresql_does_not_stretch_shutdown_past_its_budget(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """The final backup cannot reach the server: it gives up at the budget and is reported."""
+    with TCPProxy(("127.0.0.1", 5432)) as proxy:
+        config, _ = _config(
+            tmp_path,
+            proxy.url(postgres_url),
+            health={"check_timeout_seconds": 1},
+            backup={"on_shutdown": True},
+        )
+        with BotProcess(["--config", str(config), "run"], cwd=tmp_path) as bot:
+            bot.wait_for_line("dbkeeper is running")
+            proxy.hang()
+            started = time.monotonic()
+            code = bot.stop(signal.SIGTERM, timeout=20)
+            elapsed = time.monotonic() - started
+    assert code == 0, bot.output
+    assert elapsed < 10, f"shutdown took {elapsed:.1f}s:\n{bot.output}"  # docker stop's grace
+    assert "shutdown: taking the final backup" in bot.output
+    assert "ALERT" in bot.output.split("shutdown: taking the final backup", 1)[1]
+    assert bot.output.rstrip().endswith("shutdown complete")
