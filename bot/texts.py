@@ -36,6 +36,15 @@ def megabytes(size: float) -> str:
     return f"{size / MB:.2f} MB"
 
 
+def size(value: float) -> str:
+    """``512 B``, ``61.4 KB``, ``12.4 MB``, ``1.1 GB`` (powers of 1000): logs and listings."""
+    for unit in ("B", "KB", "MB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} GB"
+
+
 def escape(value: object) -> str:
     """A value made safe to put inside HTML parse-mode text."""
     return html.escape(str(value), quote=False)

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from bot.cli.context import EXIT_ERROR, CliContext, fails_plainly
+from bot.texts import size
 
 LABELS = {
     "snapshot": "copying the database",
@@ -24,14 +25,6 @@ LABELS = {
     "restore": "swapping the database",
 }
 BYTE_PHASES = {"snapshot", "compress", "read-back", "checksum", "decompress"}
-
-
-def size(value: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} GB"  # pragma: no cover
 
 
 def when(moment: datetime) -> str:

@@ -42,6 +42,7 @@ from typing import Any
 
 from bot.config import BackupSettings
 from bot.plugin import Deadline
+from bot.texts import size
 
 from .backup_checks import BackupInspector, RevisionSource
 from .backup_engine import (
@@ -163,14 +164,6 @@ class RestoreReport:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _size(value: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000  # type: ignore[assignment]
-    return f"{value} B"  # pragma: no cover
 
 
 def _is_no_space(error: BaseException) -> bool:
@@ -536,8 +529,8 @@ class BackupManager:
             "compressed %s -> %s: %s -> %s in %.1fs",
             backup.name,
             name,
-            _size(backup.size_bytes),
-            _size(info.size_bytes),
+            size(backup.size_bytes),
+            size(info.size_bytes),
             elapsed,
         )
         return info
@@ -597,7 +590,7 @@ class BackupManager:
         except OSError as error:
             raise BackupError(
                 f"cannot verify {path.name}: {error.strerror or error} (decompressing it needs "
-                f"about {_size(manifest.content_bytes if manifest else 0)} free in "
+                f"about {size(manifest.content_bytes if manifest else 0)} free in "
                 f"{self.store.directory}); the backup itself was not changed"
             ) from error
         finally:
@@ -827,8 +820,8 @@ class BackupManager:
                 "stop --time) or rely on scheduled backups."
             )
         if _is_no_space(error):
-            need = _size(self.estimate_next_bytes())
-            free = _size(self.store.free_bytes())
+            need = size(self.estimate_next_bytes())
+            free = size(self.store.free_bytes())
             return (
                 f"the {reason} backup failed: no space left in {self.store.directory} "
                 f"(it needs about {need}, {free} are free); {kept}. Free some space or point "
@@ -852,11 +845,9 @@ class BackupManager:
     def _log_created(self, info: BackupInfo) -> None:
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in info.phases.items())
         if info.compression in ("gzip", "zstd"):
-            packed = (
-                f"{_size(info.size_bytes)} from {_size(info.content_bytes)} ({info.compression})"
-            )
+            packed = f"{size(info.size_bytes)} from {size(info.content_bytes)} ({info.compression})"
         else:
-            packed = f"{_size(info.size_bytes)} ({info.compression})"
+            packed = f"{size(info.size_bytes)} ({info.compression})"
         log.info(
             "backup %s (%s): %s, schema v%d, %d tables, %s rows; verified in %.2fs (%s)",
             info.name,
