@@ -386,7 +386,7 @@ class BackupManager:
         The compressed file is read back here too, so that only the longer of the two lines
         of work (usually the check) adds to the time of the backup.
         """
-        size = raw.stat().st_size
+        raw_bytes = raw.stat().st_size
         abandon = threading.Event()
 
         def timed_check() -> ContentFacts:
@@ -401,7 +401,7 @@ class BackupManager:
                 clock = time.monotonic()
                 if packed is None:
                     content = hash_file(
-                        raw, lambda done: progress("checksum", done, size), limits.check
+                        raw, lambda done: progress("checksum", done, raw_bytes), limits.check
                     )
                     file = content
                     phases["checksum"] = time.monotonic() - clock
@@ -410,12 +410,12 @@ class BackupManager:
                         raw,
                         packed,
                         codec,
-                        progress=lambda done: progress("compress", done, size),
+                        progress=lambda done: progress("compress", done, raw_bytes),
                         check=limits.check,
                     )
                     elapsed = time.monotonic() - clock
                     phases["compress"] = elapsed
-                    self._rates[codec] = size / max(elapsed, 1e-6)
+                    self._rates[codec] = raw_bytes / max(elapsed, 1e-6)
                     self._read_back(packed, codec, content, file, progress, limits, phases)
             except BaseException:
                 abandon.set()
