@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from tests.support.backups import (
     user_ids,
 )
 from tests.support.process import run_cli, write_config
+from tests.support.tmpfs import mounted_tmpfs
 
 pytestmark = pytest.mark.timeout(60)
 NAME = re.compile(r"^bot-db-\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.db(\.gz|\.zst)?$")
@@ -370,21 +370,8 @@ async def test_shutdown_backup_is_compressed_when_it_fits(
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs: a real file system that runs out of space."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small-disk", "size=4m,mode=0700") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _leave_free(directory: Path, free: int) -> None:

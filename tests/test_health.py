@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from tests.conftest import SettingsFactory
 from tests.support.hosts import free_port, running_host
 from tests.support.revisions import BROKEN, add_revision
 from tests.support.tcp_proxy import TCPProxy, postgres_proxy_fixture  # noqa: F401 (proxy)
+from tests.support.tmpfs import mounted_tmpfs
 
 SECRET_URL = "postgresql+psycopg://bot:s3cret-pw-4711@db.example/bot"
 TOKEN = "123456:TEST-TOKEN-abcdefghijklmnopqrstuvwxyz0123456789"
@@ -393,19 +393,8 @@ async def test_a_hung_postgresql_times_out_and_the_check_recovers(
 @pytest.fixture
 def small_volume(tmp_path: Path) -> Iterator[Path]:
     """A real 64 KiB filesystem (tmpfs): far too small for a backup of the test database."""
-    target = tmp_path / "small"
-    target.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(target)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "size=64k") as target:
         yield target
-    finally:
-        subprocess.run(["umount", "--lazy", str(target)], check=False)
 
 
 async def test_a_backup_volume_too_small_for_the_next_backup_is_degraded(
