@@ -181,7 +181,7 @@ class BackupSettings:
 class InstanceSettings:
     name: str = _setting("", doc="this instance's name in answers; empty: host:pid")
     leader_poll_seconds: float = _setting(
-        5, positive, doc="how often instances check who leads (a standby takes over this fast)"
+        5, positive, doc="how often instances check who leads (a standby takes over in two polls)"
     )
 
     @property

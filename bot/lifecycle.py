@@ -221,6 +221,8 @@ async def _poll_while_leading(host: Host) -> None:
     assert updater is not None
 
     async def follow(is_leader: bool) -> None:
+        if host.state in ("stopping", "stopped"):
+            return  # shutdown stops the updater itself; never start polling again
         if is_leader and not updater.running:
             await updater.start_polling(error_callback=_log_polling_error)
             log.info("taking updates from Telegram (polling)")

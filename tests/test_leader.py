@@ -50,6 +50,8 @@ async def test_one_instance_leads_and_a_standby_takes_over(elect: Factory) -> No
 
     await first.stop()  # the leader goes away (a dead process releases the same way)
     await second.poll()
+    assert not second.is_leader  # free once: the leader may be coming back from an outage
+    await second.poll()
     assert second.is_leader and second.leader == "beta:2"
     assert changes == [("alpha:1", True), ("beta:2", True)]
 
@@ -87,6 +89,34 @@ async def test_lost_lock_connection_is_reacquired_without_a_change(
     finally:
         await leadership.stop()
         database.close()
+
+
+async def test_a_leader_back_from_an_outage_gets_its_lock_before_a_standby(
+    elect: Factory,
+) -> None:
+    first, second = elect("alpha:1"), elect("beta:2")
+    await first.start()
+    await second.start()
+    assert first._lock is not None
+    first._lock.release()  # what an outage does to its lock: gone, while it still leads
+    await second.poll()  # the standby sees the lock free once and waits
+    await first.poll()  # the leader probes again and takes it back
+    await second.poll()
+    assert (first.is_leader, second.is_leader) == (True, False)
+    assert second.leader == "alpha:1"
+
+
+async def test_a_poll_finishing_after_stop_keeps_nothing(elect: Factory) -> None:
+    first, second = elect("alpha:1"), elect("beta:2")
+    await first.start()
+    await second.start()
+    await first.stop()
+    await second.stop()
+    await second.poll(eager=True)  # a round still under way when stop ran
+    assert not second.is_leader
+    third = elect("gamma:3")
+    await third.start()
+    assert third.is_leader  # the lock was not kept by the stopped instance
 
 
 async def test_in_memory_database_always_leads(make_settings: SettingsFactory) -> None:

@@ -28,7 +28,7 @@ from sqlalchemy.pool import NullPool
 from bot.config import InstanceSettings
 from bot.health import in_daemon_thread
 
-from .locks import ADVISORY_NAMESPACE, AdvisoryLock, FileLock, NoLock
+from .locks import AdvisoryLock, FileLock, NoLock
 from .service import DatabaseService
 
 log = logging.getLogger("dbkeeper.leader")
@@ -65,14 +65,9 @@ class _PostgresLeaderLock(AdvisoryLock):
                 pass
 
     def holder(self) -> str:
-        query = text(
-            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.granted "
-            "AND l.classid = :ns AND l.objid = :id AND l.objsubid = 2"
-        )
-        keys = {"ns": ADVISORY_NAMESPACE, "id": self.lock_id}
-        with self.engine.connect() as connection:
-            name = connection.execute(query, keys).scalar()
+        """The leading instance's name; raises when the database is unreachable."""
+        session = self.holding_session()
+        name = session.application_name if session is not None else None
         prefix = LEADER_APPLICATION_NAME
         return name[len(prefix) :] if name and name.startswith(prefix) else (name or "")
 
@@ -121,6 +116,8 @@ class Leadership:
         self._listeners: list[ChangeCallback] = []
         self._confirmed = True  # False while a leader cannot reach the database
         self._pending: asyncio.Future[tuple[bool, str | None, bool]] | None = None
+        self._free_polls = 0  # consecutive polls that found the lock free
+        self._stopped = False
         self._timeout = max(1.0, database.settings.connect_timeout_seconds)
 
     def on_change(self, callback: ChangeCallback) -> None:
@@ -130,7 +127,8 @@ class Leadership:
     async def start(self) -> None:
         """Campaign once now (so a lone instance leads from the start), then keep polling."""
         self._lock = self._make_lock()  # no I/O: engines connect lazily
-        await self.poll()
+        self._stopped = False
+        await self.poll(eager=True)
         self._task = asyncio.create_task(self._run(), name="dbkeeper-leadership")
 
     async def stop(self, timeout: float | None = None) -> None:
@@ -139,6 +137,7 @@ class Leadership:
         Handing back waits at most ``timeout`` seconds (a hung server): the lock goes with the
         session anyway when the process exits.
         """
+        self._stopped = True  # also ends a loop whose cancellation a callback swallowed
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -157,17 +156,21 @@ class Leadership:
             self._engine = None
 
     async def _run(self) -> None:
-        while True:
-            # A leader that lost its connection probes fast, so it gets its lock back before
-            # a standby (which polls at the normal pace) sees it free.
+        while not self._stopped:
+            # A leader that lost its connection probes fast; a standby takes a free lock only
+            # on its second poll in a row that finds it free, so a leader coming back from an
+            # outage gets its own lock back first.
             await asyncio.sleep(self.poll_seconds if self._confirmed else self.poll_seconds / 4)
             try:
                 await self.poll()
             except Exception:
                 log.exception("leader election poll failed")
 
-    async def poll(self) -> None:
+    async def poll(self, *, eager: bool = False) -> None:
         """One round: confirm our lock, or try to take it; note who leads; report changes.
+
+        ``eager``: take a free lock at once (the first round at start), not on the second
+        sighting as a standby does.
 
         The round runs on a daemon thread and is given up after a while: a server that stopped
         answering leaves this instance in its current role, unconfirmed, and never hangs it.
@@ -176,7 +179,9 @@ class Leadership:
             self._confirmed = False  # the last round is still stuck on the server
             return
         was_leader = self.is_leader
-        self._pending = in_daemon_thread(self._campaign, name="dbkeeper-leadership")
+        self._pending = in_daemon_thread(
+            lambda: self._campaign(eager or self.is_leader), name="dbkeeper-leadership"
+        )
         try:
             is_leader, leader, confirmed = await asyncio.wait_for(
                 asyncio.shield(self._pending), self._timeout
@@ -184,6 +189,9 @@ class Leadership:
         except TimeoutError:
             self._confirmed = False
             log.warning("leader election: the database did not answer; roles unchanged")
+            return
+        if self._stopped:
+            self._release_if(is_leader)
             return
         self.is_leader, self.leader, self._confirmed = is_leader, leader, confirmed
         if is_leader != was_leader:
@@ -194,7 +202,7 @@ class Leadership:
             for callback in self._listeners:
                 await callback(is_leader)
 
-    def _campaign(self) -> tuple[bool, str | None, bool]:
+    def _campaign(self, eager: bool) -> tuple[bool, str | None, bool]:
         lock = self._lock
         assert lock is not None
         if isinstance(lock, NoLock):
@@ -203,13 +211,23 @@ class Leadership:
             return True, self.instance, True
         try:
             if lock.try_acquire():
-                return True, self.instance, True
+                self._free_polls += 1
+                if eager or self._free_polls >= 2:
+                    return True, self.instance, True
+                lock.release()  # seen free once: the leader may be on its way back
+                return False, None, True
+            self._free_polls = 0
             leader = lock.holder() or None
         except Exception as error:  # the database is unreachable: keep whatever role we had
             if self.is_leader:
                 log.warning("cannot confirm leadership (%s); still leading", type(error).__name__)
             return self.is_leader, self.leader, False
         return False, leader, True
+
+    def _release_if(self, acquired: bool) -> None:
+        """A round that finished after ``stop`` must not keep the lock it took."""
+        if acquired and self._lock is not None:
+            self._release()
 
     def _release(self) -> None:
         assert self._lock is not None

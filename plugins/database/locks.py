@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, Row, text
 
 from .errors import MigrationError
 
@@ -119,19 +119,21 @@ class AdvisoryLock:
             finally:
                 connection.close()  # closing the session releases the lock in any case
 
-    def holder(self) -> str:
+    def holding_session(self) -> Row[Any] | None:
+        """The session holding the lock (pid, application_name, backend_start), if any."""
         query = text(
-            "SELECT a.pid, a.application_name, a.client_addr, a.backend_start "
+            "SELECT a.pid, a.application_name, a.backend_start "
             "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
             "WHERE l.locktype = 'advisory' AND l.granted "
             "AND l.classid = :ns AND l.objid = :id AND l.objsubid = 2"
         )
+        with self.engine.connect() as connection:
+            return connection.execute(query, {"ns": ADVISORY_NAMESPACE, "id": self.lock_id}).first()
+
+    def holder(self) -> str:
         try:
-            with self.engine.connect() as connection:
-                row = connection.execute(
-                    query, {"ns": ADVISORY_NAMESPACE, "id": self.lock_id}
-                ).first()
-        except Exception:
+            row = self.holding_session()
+        except Exception:  # only used for a log line
             row = None
         if row is None:
             return "another instance"

@@ -210,6 +210,7 @@ def test_a_postgresql_restart_is_survived_with_one_alert_and_one_resolved_messag
         _wait(lambda: _health(beta.http_port)["status"] == "healthy", "beta healthy again")
         api.wait_for_message("healthy again", ADMIN, timeout=30)
         beta.wait_for_line("not alerting (standby")  # beta saw it too and left it to alpha
+        assert "beta is now the leader" not in beta.output  # alpha kept its role throughout
 
         texts = [m["text"] for m in api.sent_messages(ADMIN)]
         assert sum("unhealthy" in t and "healthy again" not in t for t in texts) == 1, texts
