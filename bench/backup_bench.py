@@ -48,8 +48,8 @@ def vocabulary(rng: random.Random, size: int = 3000) -> list[str]:
 
 def generate(path: Path, size_mb: int) -> None:
     """A bot database at head schema: users, chats and a large events log with text payloads."""
-    from bot.config import settings_from_mapping
-    from plugins.database import DatabasePlugin
+    from dbkeeper.config import settings_from_mapping
+    from dbkeeper.plugins.database import DatabasePlugin
 
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
@@ -143,8 +143,8 @@ def reference_copy(source: Path, scratch: Path) -> float:
 
 def our_copy(source: Path, scratch: Path) -> float:
     """dbkeeper's snapshot step alone (the copy and its fsync), as ``backup create`` takes it."""
-    from plugins.database.backup_engine import Limits
-    from plugins.database.backup_sqlite import SqliteBackupEngine
+    from dbkeeper.plugins.database.backup_engine import Limits
+    from dbkeeper.plugins.database.backup_sqlite import SqliteBackupEngine
 
     copy = scratch / "ours.db"
     copy.unlink(missing_ok=True)
@@ -188,11 +188,10 @@ def status(field: str) -> int:
 
 
 async def child(database: Path, directory: Path, codec: str) -> dict:
+    from dbkeeper.config import settings_from_mapping
+    from dbkeeper.plugin import Deadline
+    from dbkeeper.plugins.database import DatabasePlugin
     from sqlalchemy import text
-
-    from bot.config import settings_from_mapping
-    from bot.plugin import Deadline
-    from plugins.database import DatabasePlugin
 
     settings = settings_from_mapping(
         {

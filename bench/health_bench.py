@@ -32,11 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bot.app import build_application  # noqa: E402
-from bot.config import Settings, settings_from_mapping  # noqa: E402
-from bot.host import Host  # noqa: E402
-from bot.plugin import Deadline  # noqa: E402
-from plugins.database import DatabasePlugin  # noqa: E402
+from dbkeeper.app import build_application  # noqa: E402
+from dbkeeper.config import Settings, settings_from_mapping  # noqa: E402
+from dbkeeper.host import Host  # noqa: E402
+from dbkeeper.plugin import Deadline  # noqa: E402
+from dbkeeper.plugins.database import DatabasePlugin  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 PAYLOAD = "x" * 900  # about one KiB per event row

@@ -1,3 +1,3 @@
-from bot.cli import main
+from dbkeeper.cli import main
 
 main()

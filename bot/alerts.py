@@ -31,6 +31,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from dbkeeper.config import Settings
+from dbkeeper.health import CheckResult, HealthReport, Status
+from dbkeeper.logs import redact
+from dbkeeper.plugin import Deadline
+from dbkeeper.texts import duration, split_message
 from telegram import Bot
 from telegram.error import (
     BadRequest,
@@ -40,12 +45,6 @@ from telegram.error import (
     TelegramError,
 )
 from telegram.warnings import PTBDeprecationWarning
-
-from bot.config import Settings
-from bot.health import CheckResult, HealthReport, Status
-from bot.logs import redact
-from bot.plugin import Deadline
-from bot.texts import duration, split_message
 
 log = logging.getLogger("dbkeeper.alerts")
 ICONS = {Status.HEALTHY: "✅", Status.DEGRADED: "⚠️", Status.UNHEALTHY: "🔴"}

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from dbkeeper.config import Settings
 from telegram.ext import Application, ApplicationBuilder
-
-from bot.config import Settings
 
 # Local mode has no token, yet the job queue (PTB's APScheduler integration) needs an
 # Application to run jobs with. This placeholder is never initialized, so nothing ever uses it

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from bot.logs import redact
+from dbkeeper.logs import redact
 
 log = logging.getLogger("dbkeeper.health")
 T = TypeVar("T")

@@ -7,21 +7,20 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
+from dbkeeper.admin import AdminGuard
+from dbkeeper.alerts import Alerter
+from dbkeeper.config import Settings
+from dbkeeper.health import HealthRegistry
+from dbkeeper.http_api import HealthServer
+from dbkeeper.logs import SECRETS
+from dbkeeper.metrics import Metrics
+from dbkeeper.monitor import HealthMonitor
+from dbkeeper.plugin import Deadline, Plugin, StartupError
+from dbkeeper.telegram_check import TelegramAPICheck
 from telegram.ext import Application, JobQueue
 
-from bot.admin import AdminGuard
-from bot.alerts import Alerter
-from bot.config import Settings
-from bot.health import HealthRegistry
-from bot.http_api import HealthServer
-from bot.logs import SECRETS
-from bot.metrics import Metrics
-from bot.monitor import HealthMonitor
-from bot.plugin import Deadline, Plugin, StartupError
-from bot.telegram_check import TelegramAPICheck
-
 if TYPE_CHECKING:
-    from plugins.database.leader import Leadership
+    from dbkeeper.plugins.database.leader import Leadership
 
 log = logging.getLogger("dbkeeper.host")
 

@@ -20,12 +20,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-
-from bot.health import HealthReport, Status
-from bot.plugin import StartupError
+from dbkeeper.health import HealthReport, Status
+from dbkeeper.plugin import StartupError
 
 if TYPE_CHECKING:
-    from bot.host import Host
+    from dbkeeper.host import Host
 
 log = logging.getLogger("dbkeeper.http")
 NO_STORE = {"Cache-Control": "no-store"}

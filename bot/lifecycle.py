@@ -40,10 +40,9 @@ import logging
 import signal
 from urllib.parse import urlsplit
 
+from dbkeeper.host import Host
+from dbkeeper.plugin import Deadline, StartupError
 from telegram.error import InvalidToken, TelegramError
-
-from bot.host import Host
-from bot.plugin import Deadline, StartupError
 
 log = logging.getLogger("dbkeeper.lifecycle")
 EXIT_OK = 0

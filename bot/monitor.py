@@ -14,10 +14,9 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
+from dbkeeper.config import HealthSettings
+from dbkeeper.health import HealthRegistry, HealthReport, Status
 from telegram.ext import ContextTypes, Job, JobQueue
-
-from bot.config import HealthSettings
-from bot.health import HealthRegistry, HealthReport, Status
 
 log = logging.getLogger("dbkeeper.health")
 JOB_NAME = "dbkeeper-health-check"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bot.host import Host
+    from dbkeeper.host import Host
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import time
 
+from dbkeeper.health import Outcome, degraded, describe, healthy, unhealthy
+from dbkeeper.texts import duration
 from telegram import Bot
 from telegram.error import InvalidToken
-
-from bot.health import Outcome, degraded, describe, healthy, unhealthy
-from bot.texts import duration
 
 
 class TelegramAPICheck:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from alembic import context
 from alembic.script import ScriptDirectory
-
-from plugins.database.history import HISTORY_TABLE
-from plugins.database.models import metadata as bot_metadata
+from dbkeeper.plugins.database.history import HISTORY_TABLE
+from dbkeeper.plugins.database.models import metadata as bot_metadata
 
 config = context.config
 IGNORED_TABLES = {HISTORY_TABLE, "alembic_version"}
@@ -51,8 +50,8 @@ def run_online() -> None:
     if connection is not None:
         run_migrations(connection)
         return
-    from bot.config import load_settings
-    from plugins.database.engine import create_database_engine
+    from dbkeeper.config import load_settings
+    from dbkeeper.plugins.database.engine import create_database_engine
 
     engine = create_database_engine(load_settings().database, purpose="migrations")
     with engine.begin() as own_connection:
@@ -61,8 +60,8 @@ def run_online() -> None:
 
 
 if context.is_offline_mode():
-    from bot.config import load_settings
-    from plugins.database.engine import database_url
+    from dbkeeper.config import load_settings
+    from dbkeeper.plugins.database.engine import database_url
 
     context.configure(
         url=database_url(load_settings().database),

@@ -8,10 +8,10 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from dbkeeper.admin import AdminGuard
 from telegram import Update
 from telegram.ext import Application, ContextTypes
 
-from bot.admin import AdminGuard
 from tests.support.telegram_api import TelegramAPIStandIn
 
 ADMIN, STRANGER, ALERT_CHAT, OTHER_GROUP = 1001, 2002, -100555, -100777

@@ -15,13 +15,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from dbkeeper.plugin import Deadline
+from dbkeeper.plugins.database import DatabasePlugin
+from dbkeeper.plugins.database import backup as backup_module
+from dbkeeper.plugins.database.backup import BackupManager
+from dbkeeper.plugins.database.backup_sqlite import SqliteBackupEngine
+from dbkeeper.plugins.database.errors import BackupError, BackupInProgress
 
-from bot.plugin import Deadline
-from plugins.database import DatabasePlugin
-from plugins.database import backup as backup_module
-from plugins.database.backup import BackupManager
-from plugins.database.backup_sqlite import SqliteBackupEngine
-from plugins.database.errors import BackupError, BackupInProgress
 from tests.conftest import SettingsFactory
 from tests.support.backups import (
     SkippingClock,
@@ -434,7 +434,8 @@ async def test_scheduled_backup_runs_through_the_job_queue_and_retries_when_busy
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from plugins.database import plugin as plugin_module
+    from dbkeeper.plugins.database import plugin as plugin_module
+
     from tests.support.hosts import free_port, running_host
 
     monkeypatch.setattr(plugin_module, "BACKUP_RETRY_SECONDS", 0.2)
@@ -475,7 +476,7 @@ async def test_scheduled_backup_runs_through_the_job_queue_and_retries_when_busy
 
 
 def test_pg_bin_dir_must_be_a_directory(tmp_path: Path) -> None:
-    from bot.config import ConfigError, settings_from_mapping
+    from dbkeeper.config import ConfigError, settings_from_mapping
 
     missing = tmp_path / "no-such-dir"
     with pytest.raises(ConfigError) as caught:

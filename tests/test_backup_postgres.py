@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from dbkeeper.plugins.database import DatabasePlugin
+from dbkeeper.plugins.database.errors import BackupError, InvalidBackup, MigrationError
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from plugins.database import DatabasePlugin
-from plugins.database.errors import BackupError, InvalidBackup, MigrationError
 from tests.conftest import SettingsFactory
 from tests.support.backups import SkippingClock, add_users, open_plugin, user_ids
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from dbkeeper.plugin import Deadline
+from dbkeeper.plugins.database import DatabasePlugin
+from dbkeeper.plugins.database.errors import InvalidBackup
 from sqlalchemy import text
 
-from bot.plugin import Deadline
-from plugins.database import DatabasePlugin
-from plugins.database.errors import InvalidBackup
 from tests.conftest import SettingsFactory
 from tests.support.backups import (
     SkippingClock,

@@ -6,14 +6,19 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from bot.health import CheckResult, HealthReport, Status
-from bot.texts import split_message
-from plugins.database.backup import BackupFailure, BackupInfo, BackupStats
-from plugins.database.commands import TABLES_SHOWN, format_backup, format_dbstats, format_health
-from plugins.database.health import DatabaseStatistics
-from plugins.database.history import MigrationStats
-from plugins.database.migrator import MigrationStatus
-from plugins.database.probes import Overview
+from dbkeeper.health import CheckResult, HealthReport, Status
+from dbkeeper.plugins.database.backup import BackupFailure, BackupInfo, BackupStats
+from dbkeeper.plugins.database.commands import (
+    TABLES_SHOWN,
+    format_backup,
+    format_dbstats,
+    format_health,
+)
+from dbkeeper.plugins.database.health import DatabaseStatistics
+from dbkeeper.plugins.database.history import MigrationStats
+from dbkeeper.plugins.database.migrator import MigrationStatus
+from dbkeeper.plugins.database.probes import Overview
+from dbkeeper.texts import split_message
 
 NOW = datetime.now(UTC)
 

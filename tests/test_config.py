@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from dbkeeper.config import ConfigError, describe_keys, load_settings, settings_from_mapping
 
-from bot.config import ConfigError, describe_keys, load_settings, settings_from_mapping
 from tests.support.process import run_cli
 
 

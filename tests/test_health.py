@@ -9,13 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dbkeeper.health import HealthRegistry, HealthReport, Outcome, Status, degraded, healthy
+from dbkeeper.plugins.database import DatabasePlugin
+from dbkeeper.plugins.database.errors import BackupError
+from dbkeeper.plugins.database.models import Chat
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from bot.health import HealthRegistry, HealthReport, Outcome, Status, degraded, healthy
-from plugins.database import DatabasePlugin
-from plugins.database.errors import BackupError
-from plugins.database.models import Chat
 from tests.conftest import SettingsFactory
 from tests.support.hosts import free_port, running_host
 from tests.support.revisions import BROKEN, add_revision

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dbkeeper.health import Status
 
-from bot.health import Status
 from tests.conftest import SettingsFactory
 from tests.support.hosts import free_port, get, running_host
 from tests.support.telegram_api import DEFAULT_TOKEN, TelegramAPIStandIn

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from bot.config import HealthSettings
-from bot.health import HealthRegistry, Outcome, Status, healthy
-from bot.monitor import HISTORY_SIZE, HealthMonitor
+from dbkeeper.config import HealthSettings
+from dbkeeper.health import HealthRegistry, Outcome, Status, healthy
+from dbkeeper.monitor import HISTORY_SIZE, HealthMonitor
+
 from tests.conftest import SettingsFactory
 from tests.support.hosts import free_port, running_host
 

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from dbkeeper.health import Outcome, degraded
+from dbkeeper.plugin import Deadline, StartupError
 
-from bot.health import Outcome, degraded
-from bot.plugin import Deadline, StartupError
 from tests.conftest import SettingsFactory
 from tests.support.hosts import build_host, free_port, get, running_host
 from tests.support.revisions import GATED, add_revision

@@ -6,10 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from dbkeeper.plugins.database.leader import Leadership
+from dbkeeper.plugins.database.service import DatabaseService
 from sqlalchemy import create_engine, text
 
-from plugins.database.leader import Leadership
-from plugins.database.service import DatabaseService
 from tests.conftest import SettingsFactory
 
 Factory = Callable[[str], Leadership]

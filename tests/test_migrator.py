@@ -8,14 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dbkeeper.config import Settings
+from dbkeeper.plugins.database.engine import SQLITE_BEGIN
+from dbkeeper.plugins.database.errors import MigrationError, SchemaTooNew, UnmanagedDatabase
+from dbkeeper.plugins.database.migrator import Migrator
+from dbkeeper.plugins.database.models import metadata
+from dbkeeper.plugins.database.service import DatabaseService
 from sqlalchemy import Connection, inspect, text
 
-from bot.config import Settings
-from plugins.database.engine import SQLITE_BEGIN
-from plugins.database.errors import MigrationError, SchemaTooNew, UnmanagedDatabase
-from plugins.database.migrator import Migrator
-from plugins.database.models import metadata
-from plugins.database.service import DatabaseService
 from tests.conftest import SettingsFactory
 from tests.support.revisions import ADD_NOTES, BROKEN, add_revision
 

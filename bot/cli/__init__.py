@@ -1,4 +1,4 @@
-"""The command line: ``dbkeeper ...`` and ``python -m bot ...`` are the same program.
+"""The command line: ``dbkeeper ...`` and ``python -m dbkeeper ...`` are the same program.
 
 The verbs are thin: they parse, then call the same plugin methods the bot and the chat commands
 use, so the logic lives once, where the tests reach it.
@@ -9,12 +9,11 @@ from __future__ import annotations
 import sys
 
 import click
-
-from bot.cli.backup import backup
-from bot.cli.context import CliContext
-from bot.cli.db import db
-from bot.cli.health import health
-from bot.cli.run import run
+from dbkeeper.cli.backup import backup
+from dbkeeper.cli.context import CliContext
+from dbkeeper.cli.db import db
+from dbkeeper.cli.health import health
+from dbkeeper.cli.run import run
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})

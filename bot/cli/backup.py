@@ -11,9 +11,8 @@ from datetime import datetime
 from typing import Any
 
 import click
-
-from bot.cli.context import EXIT_ERROR, CliContext, fails_plainly
-from bot.texts import size
+from dbkeeper.cli.context import EXIT_ERROR, CliContext, fails_plainly
+from dbkeeper.texts import size
 
 LABELS = {
     "snapshot": "copying the database",

@@ -7,9 +7,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
-
-from bot.config import ConfigError, Settings, load_settings
-from bot.logs import setup_logging
+from dbkeeper.config import ConfigError, Settings, load_settings
+from dbkeeper.logs import setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_ERROR = 1
@@ -35,7 +34,7 @@ class CliContext:
         return self._settings
 
     def database_plugin(self) -> Any:
-        from plugins.database import DatabasePlugin
+        from dbkeeper.plugins.database import DatabasePlugin
 
         return DatabasePlugin(self.settings)
 
@@ -45,7 +44,7 @@ def fails_plainly(function: F) -> F:
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from plugins.database.errors import DatabaseError
+        from dbkeeper.plugins.database.errors import DatabaseError
 
         try:
             return function(*args, **kwargs)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import click
-
-from bot.cli.context import CliContext, fails_plainly
+from dbkeeper.cli.context import CliContext, fails_plainly
 
 
 @click.group()

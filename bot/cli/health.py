@@ -12,10 +12,9 @@ import json
 import time
 
 import click
-
-from bot.cli.context import CliContext
-from bot.config import Settings
-from bot.health import HealthReport, Status
+from dbkeeper.cli.context import CliContext
+from dbkeeper.config import Settings
+from dbkeeper.health import HealthReport, Status
 
 EXIT_STATUS = {Status.HEALTHY: 0, Status.DEGRADED: 1, Status.UNHEALTHY: 2}
 
@@ -43,9 +42,9 @@ def health(obj: CliContext, as_json: bool) -> None:
 
 
 async def _check(settings: Settings) -> HealthReport:
-    from bot.app import build_application
-    from bot.host import Host
-    from plugins.database import DatabasePlugin
+    from dbkeeper.app import build_application
+    from dbkeeper.host import Host
+    from dbkeeper.plugins.database import DatabasePlugin
 
     plugin = DatabasePlugin(settings)
     host = Host(settings, build_application(settings), [plugin])

@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 
 import click
-
-from bot.cli.context import CliContext
+from dbkeeper.cli.context import CliContext
 
 
 @click.command()
 @click.pass_obj
 def run(obj: CliContext) -> None:
     """Run the bot until SIGINT or SIGTERM (the default command)."""
-    from bot.app import build_application
-    from bot.host import Host
-    from bot.lifecycle import run as run_host
-    from plugins.database import DatabasePlugin
+    from dbkeeper.app import build_application
+    from dbkeeper.host import Host
+    from dbkeeper.lifecycle import run as run_host
+    from dbkeeper.plugins.database import DatabasePlugin
 
     settings = obj.settings
     host = Host(settings, build_application(settings), [DatabasePlugin(settings)])

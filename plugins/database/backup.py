@@ -40,9 +40,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bot.config import BackupSettings
-from bot.plugin import Deadline
-from bot.texts import size
+from dbkeeper.config import BackupSettings
+from dbkeeper.plugin import Deadline
+from dbkeeper.texts import size
 
 from .backup_checks import BackupInspector, RevisionSource
 from .backup_engine import (

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from bot.plugin import Deadline
+from dbkeeper.plugin import Deadline
 
 # (phase, bytes done, bytes in total or None when unknown). Phases: snapshot, check, compress,
 # read-back, checksum, decompress, restore.

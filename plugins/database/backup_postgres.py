@@ -22,11 +22,10 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from dbkeeper.logs import redact
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
-
-from bot.logs import redact
 
 from .backup_engine import ContentFacts, Interrupted, Limits, Progress
 from .engine import safe_url

@@ -14,21 +14,20 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from dbkeeper.admin import AdminGuard
+from dbkeeper.health import HealthReport, Status
+from dbkeeper.texts import duration, escape, megabytes, split_message
 from telegram import BotCommand, BotCommandScopeChat, BotCommandScopeChatMember, Update
 from telegram.constants import ChatAction, FileSizeLimit, ParseMode
 from telegram.error import TelegramError
 from telegram.ext import Application, ContextTypes
-
-from bot.admin import AdminGuard
-from bot.health import HealthReport, Status
-from bot.texts import duration, escape, megabytes, split_message
 
 from .backup import BackupInfo, BackupStats
 from .errors import BackupError, BackupInProgress
 from .health import DatabaseStatistics
 
 if TYPE_CHECKING:
-    from bot.host import Host
+    from dbkeeper.host import Host
 
     from .plugin import DatabasePlugin
 

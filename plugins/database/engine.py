@@ -12,11 +12,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from dbkeeper.config import DatabaseSettings, normalize_database_url
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
-
-from bot.config import DatabaseSettings, normalize_database_url
 
 Purpose = Literal["app", "migrations"]
 # Execution option naming the kind of BEGIN SQLite connections emit: DEFERRED, IMMEDIATE.

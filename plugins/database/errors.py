@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from dbkeeper.logs import redact
 from sqlalchemy import exc as sa_exc
-
-from bot.logs import redact
 
 # SQLSTATEs that say "try again": serialization failure, deadlock, lock not available,
 # the server shutting down or restarting, too many connections.

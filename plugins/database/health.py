@@ -38,17 +38,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from dbkeeper.health import Outcome, Status, degraded, healthy, in_daemon_thread, unhealthy
+from dbkeeper.texts import MB, duration, megabytes
 from sqlalchemy import Connection
-
-from bot.health import Outcome, Status, degraded, healthy, in_daemon_thread, unhealthy
-from bot.texts import MB, duration, megabytes
 
 from .errors import describe_error
 from .history import Attempt, MigrationStats
 from .probes import Interrupter, Overview, probe_for
 
 if TYPE_CHECKING:
-    from bot.host import Host
+    from dbkeeper.host import Host
 
     from .migrator import MigrationStatus
     from .plugin import DatabasePlugin

@@ -22,11 +22,10 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from dbkeeper.config import InstanceSettings
+from dbkeeper.health import in_daemon_thread
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
-
-from bot.config import InstanceSettings
-from bot.health import in_daemon_thread
 
 from .locks import AdvisoryLock, FileLock, NoLock
 from .service import DatabaseService

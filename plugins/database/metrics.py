@@ -13,12 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from dbkeeper.health import CheckResult, HealthReport, Status
+from dbkeeper.metrics import PREFIX, gauge
+from dbkeeper.monitor import HealthMonitor
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from bot.health import CheckResult, HealthReport, Status
-from bot.metrics import PREFIX, gauge
-from bot.monitor import HealthMonitor
 
 if TYPE_CHECKING:
     from .health import DatabaseHealth

@@ -27,10 +27,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
+from dbkeeper import migrations
+from dbkeeper.config import MigrationSettings
 from sqlalchemy import Connection, Engine, MetaData, inspect
-
-import migrations
-from bot.config import MigrationSettings
 
 from .engine import SQLITE_BEGIN, create_database_engine
 from .errors import (

@@ -20,10 +20,9 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from dbkeeper.config import Settings
+from dbkeeper.plugin import Deadline, Plugin, StartupError
 from sqlalchemy import MetaData
-
-from bot.config import Settings
-from bot.plugin import Deadline, Plugin, StartupError
 
 from .backup import ROUTINE_REASONS, BackupInfo, BackupManager, RestoreReport
 from .backup_engine import Progress
@@ -35,9 +34,8 @@ from .migrator import MigrationReport, Migrator, ValidationReport
 from .service import DatabaseService
 
 if TYPE_CHECKING:
+    from dbkeeper.host import Host
     from telegram.ext import Application, CallbackContext
-
-    from bot.host import Host
 
     from .migrator import Revision
 
@@ -70,7 +68,7 @@ class DatabasePlugin(Plugin):
 
     def install(self, application: Application) -> Host:
         """Use the plugin in your own PTB bot (``run_polling``/``run_webhook`` call the hooks)."""
-        from bot.host import Host
+        from dbkeeper.host import Host
 
         host = Host(self.settings, application, [self])
         previous_init, previous_stop = application.post_init, application.post_stop

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from dbkeeper.health import Outcome, degraded, healthy, unhealthy
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
-
-from bot.health import Outcome, degraded, healthy, unhealthy
 
 from .migrator import BOOKKEEPING_TABLES
 from .service import DatabaseService

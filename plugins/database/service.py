@@ -20,10 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from dbkeeper.config import DatabaseSettings
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
-
-from bot.config import DatabaseSettings
 
 from .engine import (
     SQLITE_BEGIN,

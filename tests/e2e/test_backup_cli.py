@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from dbkeeper.config import settings_from_mapping
 
-from bot.config import settings_from_mapping
 from tests.support.backups import add_users, listing, open_plugin, user_ids
 from tests.support.process import REPO, BotProcess, run_cli, write_config
 
@@ -85,7 +85,7 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     environment = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"}
     environment.pop("DATABASE_URL", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "bot", "backup", "create"],
+        [sys.executable, "-m", "dbkeeper", "backup", "create"],
         cwd=workdir,
         stdin=subprocess.DEVNULL,
         stdout=follower,

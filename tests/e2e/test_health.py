@@ -1,4 +1,4 @@
-"""The health side in a real ``python -m bot run`` process: HTTP, ports, alerts at exit, hangs."""
+"""The health side in a real ``python -m dbkeeper run`` process: HTTP, ports, alerts, hangs."""
 
 from __future__ import annotations
 

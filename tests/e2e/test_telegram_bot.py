@@ -1,4 +1,4 @@
-"""The bot as it runs: a real ``python -m bot run`` process, the real PTB Application, talking
+"""The bot as it runs: a real ``python -m dbkeeper run`` process, the real PTB Application, talking
 HTTP to the Telegram Bot API stand-in. Admin commands, refusals, a failing Bot API, and the
 graceful shutdown with a backup in progress."""
 

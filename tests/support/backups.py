@@ -9,11 +9,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import zstandard
+from dbkeeper.config import Settings
+from dbkeeper.plugins.database import DatabasePlugin
+from dbkeeper.plugins.database.backup import BackupManager
 from sqlalchemy import create_engine, text
-
-from bot.config import Settings
-from plugins.database import DatabasePlugin
-from plugins.database.backup import BackupManager
 
 
 class SkippingClock:

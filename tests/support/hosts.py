@@ -8,12 +8,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-
-from bot.app import build_application
-from bot.config import Settings
-from bot.host import Host
-from bot.plugin import Deadline
-from plugins.database import DatabasePlugin
+from dbkeeper.app import build_application
+from dbkeeper.config import Settings
+from dbkeeper.host import Host
+from dbkeeper.plugin import Deadline
+from dbkeeper.plugins.database import DatabasePlugin
 
 
 def free_port() -> int:

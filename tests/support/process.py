@@ -36,7 +36,7 @@ def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
 
 
 class BotProcess:
-    """``python -m bot ARGS`` in ``cwd``; stderr and stdout collected line by line."""
+    """``python -m dbkeeper ARGS`` in ``cwd``; stderr and stdout collected line by line."""
 
     def __init__(
         self,
@@ -55,7 +55,7 @@ class BotProcess:
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bot", *args],
+            [sys.executable, "-m", "dbkeeper", *args],
             cwd=cwd,
             env=environment,
             stdin=subprocess.DEVNULL,  # a prompt gets end-of-file, as in a script

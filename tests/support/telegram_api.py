@@ -2,7 +2,7 @@
 
 Telegram's servers cannot be reached from tests, so :class:`TelegramAPIStandIn` plays them on
 ``127.0.0.1``. It runs an aiohttp server on its own event loop in a background thread, so the
-bot may run in the test process (async tests) or as a subprocess (``python -m bot run`` with
+bot may run in the test process (async tests) or as a subprocess (``python -m dbkeeper run`` with
 ``telegram.api_base_url = standin.base_url``)::
 
     with TelegramAPIStandIn() as api:
