@@ -143,8 +143,8 @@ def reference_copy(source: Path, scratch: Path) -> float:
 
 def our_copy(source: Path, scratch: Path) -> float:
     """dbkeeper's snapshot step alone (the copy and its fsync), as ``backup create`` takes it."""
-    from dbkeeper.plugins.database.backup_engine import Limits
-    from dbkeeper.plugins.database.backup_sqlite import SqliteBackupEngine
+    from dbkeeper.plugins.database.backup.engines.base import Limits
+    from dbkeeper.plugins.database.backup.engines.sqlite import SqliteBackupEngine
 
     copy = scratch / "ours.db"
     copy.unlink(missing_ok=True)
@@ -188,10 +188,11 @@ def status(field: str) -> int:
 
 
 async def child(database: Path, directory: Path, codec: str) -> dict:
+    from sqlalchemy import text
+
     from dbkeeper.config import settings_from_mapping
     from dbkeeper.plugin import Deadline
     from dbkeeper.plugins.database import DatabasePlugin
-    from sqlalchemy import text
 
     settings = settings_from_mapping(
         {

@@ -31,11 +31,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dbkeeper.config import Settings
-from dbkeeper.health import CheckResult, HealthReport, Status
-from dbkeeper.logs import redact
-from dbkeeper.plugin import Deadline
-from dbkeeper.texts import duration, split_message
 from telegram import Bot
 from telegram.error import (
     BadRequest,
@@ -45,6 +40,12 @@ from telegram.error import (
     TelegramError,
 )
 from telegram.warnings import PTBDeprecationWarning
+
+from dbkeeper.config import Settings
+from dbkeeper.health import CheckResult, HealthReport, Status
+from dbkeeper.logs import redact
+from dbkeeper.plugin import Deadline
+from dbkeeper.texts import duration, split_message
 
 log = logging.getLogger("dbkeeper.alerts")
 ICONS = {Status.HEALTHY: "✅", Status.DEGRADED: "⚠️", Status.UNHEALTHY: "🔴"}

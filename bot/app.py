@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from telegram.ext import AIORateLimiter, Application, ApplicationBuilder
+
 from dbkeeper.config import Settings
-from telegram.ext import Application, ApplicationBuilder
 
 # Local mode has no token, yet the job queue (PTB's APScheduler integration) needs an
 # Application to run jobs with. This placeholder is never initialized, so nothing ever uses it
@@ -11,9 +14,16 @@ from telegram.ext import Application, ApplicationBuilder
 LOCAL_MODE_TOKEN = "0:local-mode-without-telegram"
 
 
-def build_application(settings: Settings) -> Application:
+def build_application(settings: Settings) -> Application[Any, Any, Any, Any, Any, Any]:
+    """The application ``dbkeeper run`` drives. Every Bot API call (chat answers and alerts)
+    goes through PTB's ``AIORateLimiter``, which keeps within Telegram's flood limits and
+    retries a call that Telegram asks to wait for."""
     telegram = settings.telegram
-    builder: ApplicationBuilder = Application.builder().token(telegram.token or LOCAL_MODE_TOKEN)
+    builder: ApplicationBuilder[Any, Any, Any, Any, Any, Any] = (
+        Application.builder()
+        .token(telegram.token or LOCAL_MODE_TOKEN)
+        .rate_limiter(AIORateLimiter(max_retries=2))
+    )
     if telegram.api_base_url:
         base = telegram.api_base_url.rstrip("/")
         builder = builder.base_url(base).base_file_url(_file_url(base))

@@ -1,8 +1,14 @@
 """Typed settings from a TOML file, environment overrides and built-in defaults.
 
-Every key is declared once, in the dataclasses below, with its type, default and the rule its
-value must satisfy. Loading walks the file against those declarations, so an unknown key, a
-value of the wrong type or an impossible value stops startup with one message naming the key.
+Every key is declared once, in a section dataclass, with its type, default and the rule its
+value must satisfy (:func:`setting`). The host declares its own sections (``[bot]``,
+``[telegram]``, ``[health]``, ``[instance]``, ``[shutdown]``, ``[logging]``); each plugin
+declares the sections it owns (``Plugin.sections``). Loading walks the file against those
+declarations, so an unknown section or key, a value of the wrong type or an impossible value
+stops startup with one message naming the key.
+
+Which plugins are loaded is itself configuration (``[bot] plugins``), so loading reads the
+host's sections first, finds the plugins (``dbkeeper.loader``), then checks their sections.
 """
 
 from __future__ import annotations
@@ -11,20 +17,23 @@ import dataclasses
 import math
 import os
 import socket
+import sys
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-ENV_OVERRIDES = {
-    "TELEGRAM_BOT_TOKEN": ("telegram", "token"),
-    "DATABASE_URL": ("database", "url"),
-}
+if TYPE_CHECKING:
+    from dbkeeper.plugin import Plugin
+
 DEFAULT_CONFIG_PATH = Path("config.toml")
-SECRET_KEYS = {("telegram", "token"), ("telegram", "webhook_secret"), ("database", "url")}
+T = TypeVar("T")
+# Upper bound of every interval and timeout: a year. Larger values are typos, and an unbounded
+# float reaches APScheduler and asyncio as an OverflowError.
+MAX_SECONDS = 365 * 86400.0
 
 
 class ConfigError(Exception):
@@ -34,18 +43,58 @@ class ConfigError(Exception):
 Check = Callable[[Any], str | None]
 
 
-def _setting(default: Any, check: Check | None = None, *, doc: str = "") -> Any:
+def setting(
+    default: Any,
+    check: Check | None = None,
+    *,
+    doc: str = "",
+    secret: bool = False,
+    env: str | None = None,
+    unset: bool = False,
+) -> Any:
+    """Declare one key of a section: its default, its rule, and what it means.
+
+    ``secret``: never shown in errors, logs or answers (for a URL: its password only).
+    ``env``: an environment variable that overrides the file.
+    ``unset``: leaving the key out means something of its own (``Settings.is_set``); the
+    example configuration shows it commented out.
+    """
     if isinstance(default, list):
         default = tuple(default)
-    return field(default=default, metadata={"check": check, "doc": doc})
+    return field(
+        default=default,
+        metadata={"check": check, "doc": doc, "secret": secret, "env": env, "unset": unset},
+    )
+
+
+# -- rules -------------------------------------------------------------------------------------
 
 
 def positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+def seconds(minimum: float = 0.0) -> Check:
+    """A duration in seconds: greater than 0, at least ``minimum``, at most a year."""
+
+    def check(value: float) -> str | None:
+        if value <= 0:
+            return "must be greater than 0"
+        if value < minimum:
+            return f"must be at least {minimum:g}"
+        if value > MAX_SECONDS:
+            return f"must be at most {MAX_SECONDS:.0f} (a year)"
+        return None
+
+    return check
+
+
 def at_least(minimum: float) -> Check:
-    return lambda value: None if value >= minimum else f"must be at least {minimum}"
+    return lambda value: None if value >= minimum else f"must be at least {minimum:g}"
+
+
+def between(low: float, high: float) -> Check:
+    return lambda value: None if low <= value <= high else f"must be between {low:g} and {high:g}"
 
 
 def one_of(*choices: str) -> Check:
@@ -61,127 +110,85 @@ def port(value: int) -> str | None:
     return None if 1 <= value <= 65535 else "must be a TCP port between 1 and 65535"
 
 
-def non_negative_each(values: tuple[float, ...]) -> str | None:
-    if not values:
-        return "must list at least one delay"
-    return None if all(v >= 0 for v in values) else "delays must not be negative"
-
-
 def http_url_or_empty(value: str) -> str | None:
     if not value or value.startswith(("http://", "https://")):
         return None
     return "must be empty or start with http:// or https://"
 
 
-def database_url(value: str) -> str | None:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        url = make_url(normalize_database_url(value))
-    except ArgumentError:
-        return "is not a database URL (expected sqlite:///path or postgresql+psycopg://...)"
-    if url.get_backend_name() not in ("sqlite", "postgresql"):
-        return f"uses {url.get_backend_name()!r}; dbkeeper supports sqlite and postgresql"
-    return None
-
-
-def directory_or_empty(value: str) -> str | None:
-    if not value or Path(value).is_dir():
-        return None
-    return "must be empty or an existing directory"
-
-
 def log_level(value: str) -> str | None:
     return one_of("DEBUG", "INFO", "WARNING", "ERROR")(value.upper())
 
 
-def normalize_database_url(url: str) -> str:
-    """Map driverless PostgreSQL URLs (as hosting providers hand them out) to psycopg 3."""
-    for prefix in ("postgres://", "postgresql://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix) :]
-    return url
+def import_strings(values: tuple[str, ...]) -> str | None:
+    for value in values:
+        if not value or any(part and not part.isidentifier() for part in value.split(":", 1)):
+            return f"{value!r} is not an import string such as 'package.module' or 'module:Class'"
+    return None
+
+
+# -- the host's sections -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BotSettings:
+    plugins: tuple[str, ...] = setting(
+        (),
+        import_strings,
+        doc=(
+            "feature plugins to load (import strings) besides those installed under the "
+            "entry-point group dbkeeper.plugins; not set: the example feature when the schema "
+            "is dbkeeper's example schema, else none"
+        ),
+        unset=True,
+    )
 
 
 @dataclass(frozen=True)
 class TelegramSettings:
-    token: str = _setting("", doc="empty and no TELEGRAM_BOT_TOKEN: local mode")
-    admin_ids: tuple[int, ...] = _setting((), doc="Telegram user ids allowed to run admin commands")
-    alert_chat_id: int = _setting(0, doc="0: alerts go to each admin's private chat")
-    api_base_url: str = _setting("", http_url_or_empty, doc="e.g. a local Bot API server")
-    webhook_url: str = _setting("", http_url_or_empty, doc="set: webhook mode; empty: polling")
-    webhook_port: int = _setting(8443, port, doc="port of PTB's webhook server")
-    webhook_listen: str = _setting("0.0.0.0", doc="address PTB's webhook server binds")
-    webhook_secret: str = _setting("", doc="checked on every webhook request; empty: none")
-    local_bot_api: bool = _setting(False, doc="api_base_url is a local Bot API (2000 MB uploads)")
-
-
-@dataclass(frozen=True)
-class DatabaseSettings:
-    url: str = _setting("sqlite:///data/bot.db", database_url, doc="SQLAlchemy URL")
-    connect_retries: int = _setting(3, at_least(1), doc="connection attempts at startup")
-    retry_backoff_seconds: tuple[float, ...] = _setting(
-        (1, 2, 3), non_negative_each, doc="waits between attempts; the last one repeats"
+    token: str = setting(
+        "", doc="empty and no TELEGRAM_BOT_TOKEN: local mode", secret=True, env="TELEGRAM_BOT_TOKEN"
     )
-    busy_timeout_ms: int = _setting(5000, at_least(0), doc="SQLite: wait this long for a lock")
-    pool_size: int = _setting(5, at_least(1), doc="PostgreSQL: connections kept open")
-    max_overflow: int = _setting(10, at_least(0), doc="PostgreSQL: extra connections at peaks")
-    pool_timeout_seconds: float = _setting(30, positive, doc="wait this long for a free connection")
-    connect_timeout_seconds: float = _setting(10, positive, doc="PostgreSQL: TCP connect timeout")
-
-
-@dataclass(frozen=True)
-class MigrationSettings:
-    auto_upgrade: bool = _setting(True, doc="apply pending revisions at startup")
-    retries: int = _setting(3, at_least(1), doc="attempts per revision on transient errors")
-    critical_tables: tuple[str, ...] = _setting((), doc="empty: every table of the head schema")
-    lock_timeout_seconds: float = _setting(
-        600, positive, doc="wait this long for another instance's migration"
+    admin_ids: tuple[int, ...] = setting((), doc="Telegram user ids allowed to run admin commands")
+    alert_chat_id: int = setting(0, doc="0: alerts go to each admin's private chat")
+    api_base_url: str = setting("", http_url_or_empty, doc="e.g. a local Bot API server")
+    webhook_url: str = setting("", http_url_or_empty, doc="set: webhook mode; empty: polling")
+    webhook_port: int = setting(8443, port, doc="port of PTB's webhook server")
+    webhook_listen: str = setting("0.0.0.0", doc="address PTB's webhook server binds")
+    webhook_secret: str = setting(
+        "", doc="checked on every webhook request; empty: none", secret=True
     )
-    script_location: str = _setting("", doc="empty: dbkeeper's own migrations/ directory")
+    local_bot_api: bool = setting(False, doc="api_base_url is a local Bot API (2000 MB uploads)")
 
 
 @dataclass(frozen=True)
 class HealthSettings:
-    interval_seconds: float = _setting(300, positive, doc="seconds between health checks")
-    size_warning_mb: float = _setting(500, positive, doc="database size that degrades health")
-    http_host: str = _setting("127.0.0.1", doc="address of the health HTTP API")
-    http_port: int = _setting(3001, port, doc="port of the health HTTP API")
-    check_timeout_seconds: float = _setting(10, positive, doc="a check slower than this fails")
-    alert_repeat_seconds: float = _setting(
-        14400, positive, doc="remind the admins this often while a problem lasts"
+    interval_seconds: float = setting(300, seconds(), doc="seconds between health checks")
+    size_warning_mb: float = setting(500, positive, doc="database size that degrades health")
+    http_host: str = setting("127.0.0.1", doc="address of the health HTTP API")
+    http_port: int = setting(3001, port, doc="port of the health HTTP API")
+    check_timeout_seconds: float = setting(10, seconds(), doc="a check slower than this fails")
+    alert_repeat_seconds: float = setting(
+        14400, seconds(), doc="remind the admins this often while a problem lasts"
     )
-    http_cache_seconds: float = _setting(
-        10, positive, doc="HTTP answers reuse a health result this recent (one check for many)"
+    http_cache_seconds: float = setting(
+        10, seconds(), doc="HTTP answers reuse a health result this recent (one check for many)"
     )
-    quick_check_max_mb: float = _setting(
+    quick_check_max_mb: float = setting(
         32, at_least(0), doc="SQLite: quick_check on every check up to this size"
     )
-    integrity_interval_seconds: float = _setting(
-        3600, positive, doc="SQLite above quick_check_max_mb: quick_check this often"
-    )
-
-
-@dataclass(frozen=True)
-class BackupSettings:
-    dir: str = _setting("data/backups", doc="where backups are written")
-    interval_seconds: float = _setting(86400, positive, doc="seconds between scheduled backups")
-    keep: int = _setting(7, at_least(1), doc="newest backups kept by rotation")
-    compression: str = _setting("gzip", one_of("gzip", "zstd", "none"), doc="gzip | zstd | none")
-    compress_min_bytes: int = _setting(1048576, at_least(0), doc="smaller backups stay raw")
-    on_shutdown: bool = _setting(True, doc="take a final backup when the bot stops")
-    send_to_chat: bool = _setting(False, doc="/backup also uploads the file to the admin")
-    pg_bin_dir: str = _setting(
-        "", directory_or_empty, doc="PostgreSQL: directory of pg_dump and pg_restore; empty: PATH"
+    integrity_interval_seconds: float = setting(
+        3600, seconds(), doc="SQLite above quick_check_max_mb: quick_check this often"
     )
 
 
 @dataclass(frozen=True)
 class InstanceSettings:
-    name: str = _setting("", doc="this instance's name in answers; empty: host:pid")
-    leader_poll_seconds: float = _setting(
-        5, positive, doc="how often instances check who leads (a standby takes over in two polls)"
+    name: str = setting("", doc="this instance's name in answers; empty: host:pid")
+    leader_poll_seconds: float = setting(
+        5,
+        seconds(0.1),
+        doc="how often instances check who leads (a standby takes over in two polls)",
     )
 
     @property
@@ -192,47 +199,138 @@ class InstanceSettings:
 
 @dataclass(frozen=True)
 class ShutdownSettings:
-    timeout_seconds: float = _setting(9, positive, doc="budget for the whole graceful shutdown")
+    timeout_seconds: float = setting(9, seconds(), doc="budget for the whole graceful shutdown")
 
 
 @dataclass(frozen=True)
 class LoggingSettings:
-    level: str = _setting("INFO", log_level, doc="DEBUG | INFO | WARNING | ERROR")
+    level: str = setting("INFO", log_level, doc="DEBUG | INFO | WARNING | ERROR")
+
+
+HOST_SECTIONS: dict[str, type] = {
+    "bot": BotSettings,
+    "telegram": TelegramSettings,
+    "health": HealthSettings,
+    "instance": InstanceSettings,
+    "shutdown": ShutdownSettings,
+    "logging": LoggingSettings,
+}
+
+
+# -- the settings of one run ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Settings:
-    telegram: TelegramSettings = field(default_factory=TelegramSettings)
-    database: DatabaseSettings = field(default_factory=DatabaseSettings)
-    migrations: MigrationSettings = field(default_factory=MigrationSettings)
-    health: HealthSettings = field(default_factory=HealthSettings)
-    backup: BackupSettings = field(default_factory=BackupSettings)
-    instance: InstanceSettings = field(default_factory=InstanceSettings)
-    shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
-    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    """Every section of one configuration: the host's, and those of the plugins it loads.
+
+    Sections are attributes (``settings.telegram``, ``settings.backup``); typed code asks for
+    a section by its class (``settings.section(BackupSettings)``).
+    """
+
+    sections: Mapping[str, Any]
+    plugins: tuple[type[Plugin], ...] = ()
     source: str = field(default="built-in defaults", compare=False)
+    explicit: frozenset[tuple[str, str]] = field(default=frozenset(), compare=False)
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"no configuration section [{name}]")
+
+    @property
+    def bot(self) -> BotSettings:
+        return typing.cast(BotSettings, self.sections["bot"])
+
+    @property
+    def telegram(self) -> TelegramSettings:
+        return typing.cast(TelegramSettings, self.sections["telegram"])
+
+    @property
+    def health(self) -> HealthSettings:
+        return typing.cast(HealthSettings, self.sections["health"])
+
+    @property
+    def instance(self) -> InstanceSettings:
+        return typing.cast(InstanceSettings, self.sections["instance"])
+
+    @property
+    def shutdown(self) -> ShutdownSettings:
+        return typing.cast(ShutdownSettings, self.sections["shutdown"])
+
+    @property
+    def logging(self) -> LoggingSettings:
+        return typing.cast(LoggingSettings, self.sections["logging"])
+
+    def section(self, cls: type[T]) -> T:
+        """The section declared by ``cls`` (``ConfigError`` if no loaded plugin declares it)."""
+        for value in self.sections.values():
+            if type(value) is cls:
+                return typing.cast(T, value)
+        raise ConfigError(f"no loaded plugin declares the section {cls.__name__}")
+
+    def is_set(self, section: str, key: str) -> bool:
+        """Whether ``[section] key`` was given (file or environment), not defaulted."""
+        return (section, key) in self.explicit
 
     @property
     def local_mode(self) -> bool:
-        """No bot token: the database plugin runs without Telegram."""
+        """No bot token: the plugins run without Telegram."""
         return not self.telegram.token
 
     def secrets(self) -> list[str]:
         """Values that must never reach logs, chat messages or HTTP answers."""
-        from sqlalchemy.engine import make_url
-
-        found = [v for v in (self.telegram.token, self.telegram.webhook_secret) if v]
-        password = make_url(self.database.url).password
-        if password:
-            found.append(str(password))
+        found: list[str] = []
+        for value in self.sections.values():
+            for f in dataclasses.fields(value):
+                if f.metadata.get("secret"):
+                    found += _secret_parts(getattr(value, f.name))
         return found
 
+    def with_section(self, name: str, **changes: Any) -> Settings:
+        """A copy with some keys of one section changed (checked like the file's)."""
+        current = self.sections[name]
+        values = {f.name: getattr(current, f.name) for f in dataclasses.fields(current)}
+        for key in changes:
+            if key not in values:
+                raise ConfigError(f"unknown key [{name}] {key}")
+        values.update(changes)
+        updated = _build_section(name, type(current), values, "configuration", {})
+        return dataclasses.replace(self, sections={**self.sections, name: updated})
 
-SECTIONS: dict[str, type] = {
-    f.name: typing.get_type_hints(Settings)[f.name]
-    for f in dataclasses.fields(Settings)
-    if f.name != "source"
-}
+
+def _secret_parts(value: Any) -> list[str]:
+    """A secret value as it may appear in text: itself, or a URL's password."""
+    if not isinstance(value, str) or not value:
+        return []
+    if "://" in value:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            password = make_url(value).password
+        except (ArgumentError, ValueError):
+            return [value]
+        return [str(password)] if password else []
+    return [value]
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def config_directory(path: str | os.PathLike[str] | None) -> Path:
+    """The directory a configuration belongs to: the file's, or where it would be."""
+    config_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    return config_path.absolute().parent
+
+
+def make_importable(directory: Path) -> None:
+    """Let ``[bot] plugins``, ``[migrations] metadata`` and an Alembic ``env.py`` import the
+    user's own modules from the configuration's directory."""
+    entry = str(directory)
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
 
 
 def load_settings(
@@ -240,10 +338,12 @@ def load_settings(
     *,
     environ: Mapping[str, str] | None = None,
     required: bool = False,
+    embedded: bool = False,
 ) -> Settings:
     """Read settings from ``path`` (default ``config.toml``) and the environment.
 
     A missing file means built-in defaults, unless ``required`` (the path was given explicitly).
+    ``embedded``: dbkeeper runs inside someone else's bot (see ``dbkeeper.embed``).
     """
     environ = os.environ if environ is None else environ
     config_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
@@ -259,7 +359,8 @@ def load_settings(
         source = str(config_path)
     elif required:
         raise ConfigError(f"{config_path}: no such configuration file")
-    return settings_from_mapping(raw, environ=environ, source=source)
+    make_importable(config_directory(config_path))
+    return settings_from_mapping(raw, environ=environ, source=source, embedded=embedded)
 
 
 def settings_from_mapping(
@@ -267,26 +368,53 @@ def settings_from_mapping(
     *,
     environ: Mapping[str, str] | None = None,
     source: str = "built-in defaults",
+    embedded: bool = False,
+    plugins: Iterable[type[Plugin]] | None = None,
 ) -> Settings:
-    """Build settings from an already-parsed TOML document plus environment overrides."""
+    """Build settings from an already-parsed TOML document plus environment overrides.
+
+    ``plugins``: the plugin classes whose sections to accept; by default those the
+    configuration names (``dbkeeper.loader.plugin_classes``).
+    """
+    from dbkeeper.loader import plugin_classes
+
     label = source if source != "built-in defaults" else "configuration"
-    data = {name: dict(values) for name, values in raw.items() if isinstance(values, Mapping)}
     for name, values in raw.items():
-        if name not in SECTIONS:
-            raise ConfigError(f"{label}: unknown section [{name}] (known: {', '.join(SECTIONS)})")
         if not isinstance(values, Mapping):
             raise ConfigError(f"{label}: [{name}] must be a table of keys, not a value")
+    data = {name: dict(values) for name, values in raw.items()}
     from_env: dict[tuple[str, str], str] = {}
-    for variable, (section, key) in ENV_OVERRIDES.items():
-        value = (environ or {}).get(variable)
-        if value:
-            data.setdefault(section, {})[key] = value
-            from_env[(section, key)] = variable
-    sections = {
-        name: _build_section(name, cls, data.get(name, {}), label, from_env)
-        for name, cls in SECTIONS.items()
-    }
-    return Settings(**sections, source=source)
+    explicit = {(name, key) for name, values in data.items() for key in values}
+
+    def build(name: str, cls: type) -> Any:
+        values = data.setdefault(name, {})
+        for f in dataclasses.fields(cls):
+            variable = f.metadata.get("env")
+            if variable and (environ or {}).get(variable):
+                values[f.name] = (environ or {})[variable]
+                from_env[(name, f.name)] = variable
+                explicit.add((name, f.name))
+        return _build_section(name, cls, values, label, from_env)
+
+    sections: dict[str, Any] = {name: build(name, cls) for name, cls in HOST_SECTIONS.items()}
+    bot = typing.cast(BotSettings, sections["bot"])
+    if plugins is None:
+        chosen = bot.plugins if ("bot", "plugins") in explicit else None
+        classes = plugin_classes(chosen, raw, embedded=embedded, label=label)
+    else:
+        classes = list(plugins)
+    for cls in classes:
+        for name, section_cls in cls.sections.items():
+            if name in sections:
+                raise ConfigError(
+                    f"{label}: plugin {cls.name} declares the section [{name}], which is "
+                    "already taken"
+                )
+            sections[name] = build(name, section_cls)
+    for name in raw:
+        if name not in sections:
+            raise ConfigError(f"{label}: unknown section [{name}] (known: {', '.join(sections)})")
+    return Settings(sections, tuple(classes), source, frozenset(explicit))
 
 
 def _build_section(
@@ -307,7 +435,7 @@ def _build_section(
         where = f"{label}: [{name}] {key}"
         if (name, key) in from_env:
             where = f"environment: {from_env[(name, key)]} ([{name}] {key})"
-        secret = (name, key) in SECRET_KEYS
+        secret = bool(fields[key].metadata.get("secret"))
         converted = _convert(value, hints[key], where, secret)
         check = fields[key].metadata.get("check")
         problem = check(converted) if check else None
@@ -321,11 +449,16 @@ def _convert(value: Any, hint: Any, where: str, secret: bool = False) -> Any:
     origin = typing.get_origin(hint)
     if origin is tuple:
         item_type = typing.get_args(hint)[0]
-        if not isinstance(value, list):
+        if not isinstance(value, list | tuple):
             raise ConfigError(
                 f"{where}: expected a list of {_type_name(item_type)}, got {_show(value, secret)}"
             )
         return tuple(_convert(item, item_type, where, secret) for item in value)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a table, got {_show(value, secret)}")
+        _, item_type = typing.get_args(hint)
+        return {str(k): _convert(v, item_type, f"{where}.{k}", secret) for k, v in value.items()}
     if isinstance(hint, types.UnionType):
         raise TypeError(f"unsupported setting type {hint}")
     if hint is bool:
@@ -371,15 +504,18 @@ def _hide_secret(value: Any) -> str:
 
         try:
             return f'"{make_url(value).render_as_string(hide_password=True)}"'
-        except ArgumentError:
+        except (ArgumentError, ValueError):
             pass
     return "(value hidden)"
 
 
-def describe_keys() -> list[tuple[str, str, Any, str]]:
-    """(section, key, default, doc) for every key: the source of ``config.example.toml``."""
+def describe_keys(settings: Settings | None = None) -> list[tuple[str, str, Any, str, bool]]:
+    """(section, key, default, doc, unset) for every key: the source of
+    ``config.example.toml``."""
+    settings = settings or settings_from_mapping({}, environ={})
     rows = []
-    for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            rows.append((section, f.name, f.default, f.metadata.get("doc", "")))
+    for section, value in settings.sections.items():
+        for f in dataclasses.fields(value):
+            meta = f.metadata
+            rows.append((section, f.name, f.default, meta.get("doc", ""), meta.get("unset", False)))
     return rows

@@ -9,16 +9,15 @@ report by at most the timeout. The overall status is the worst one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from dbkeeper.logs import redact
+from dbkeeper.texts import duration
 
 log = logging.getLogger("dbkeeper.health")
 T = TypeVar("T")
@@ -117,22 +116,48 @@ class Check:
     name: str
     function: CheckFunction
     readiness: bool  # part of /readyz (the bot cannot work while it fails)
+    failing_as: str  # what the check reports while an earlier run of it still hangs
+
+
+@dataclass
+class _InFlight:
+    task: asyncio.Task[Outcome]
+    started: float  # monotonic
+    abandoned: bool = False  # timed out once: later runs report it instead of waiting again
 
 
 class HealthRegistry:
-    """The checks of every plugin, run together into one :class:`HealthReport`."""
+    """The checks of every plugin, run together into one :class:`HealthReport`.
+
+    This is the one place that bounds checks in time. Each check runs at most once at a time:
+    callers that ask while it runs (the monitor and an HTTP request, say) share that run. A run
+    that does not answer within the timeout is reported unhealthy and asked to stop (its task
+    is cancelled); until it has really ended, later runs report that it still hangs instead of
+    starting another (a check stuck on a dead server never piles up threads).
+    """
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._checks: dict[str, Check] = {}
         self._closers: list[Callable[[], Awaitable[None]]] = []
-        self._abandoned: set[asyncio.Task[Outcome]] = set()
+        self._in_flight: dict[str, _InFlight] = {}
 
-    def add(self, name: str, function: CheckFunction, *, readiness: bool = False) -> None:
-        """Register a check; ``readiness`` checks must not be unhealthy for ``/readyz``."""
+    def add(
+        self,
+        name: str,
+        function: CheckFunction,
+        *,
+        readiness: bool = False,
+        failing_as: str = "",
+    ) -> None:
+        """Register a check; ``readiness`` checks must not be unhealthy for ``/readyz``.
+
+        ``failing_as``: the start of its message while an earlier run still hangs, e.g.
+        "cannot reach the database".
+        """
         if name in self._checks:
             raise ValueError(f"a health check named {name!r} is already registered")
-        self._checks[name] = Check(name, function, readiness)
+        self._checks[name] = Check(name, function, readiness, failing_as)
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Run ``closer`` when health checking stops (end background work of a plugin)."""
@@ -161,15 +186,28 @@ class HealthRegistry:
 
     async def _run_one(self, check: Check) -> CheckResult:
         started = time.monotonic()
-        task = asyncio.ensure_future(check.function())
-        done, _ = await asyncio.wait({task}, timeout=self.timeout)
+        flight = self._in_flight.get(check.name)
+        if flight is not None and not flight.task.done() and flight.abandoned:
+            prefix = f"{check.failing_as}: " if check.failing_as else ""
+            return CheckResult(
+                check.name,
+                Status.UNHEALTHY,
+                f"{prefix}still waiting for the previous check, started "
+                f"{duration(started - flight.started)} ago",
+                None,
+                0.0,
+            )
+        if flight is None or flight.task.done():
+            task = asyncio.ensure_future(check.function())
+            task.add_done_callback(_retrieve)
+            flight = self._in_flight[check.name] = _InFlight(task, started)
+        remaining = max(0.0, self.timeout - (started - flight.started))
+        done, _ = await asyncio.wait({flight.task}, timeout=remaining)
         elapsed_ms = (time.monotonic() - started) * 1000
         if not done:
-            # Cancel, but never wait for it: a check that ignores cancellation must not hang
-            # the report. Keep a reference until it ends so its error is retrieved.
-            task.cancel()
-            self._abandoned.add(task)
-            task.add_done_callback(self._forget)
+            if not flight.abandoned:
+                flight.abandoned = True
+                flight.task.cancel()  # the check interrupts its work; never awaited here
             return CheckResult(
                 check.name,
                 Status.UNHEALTHY,
@@ -178,7 +216,9 @@ class HealthRegistry:
                 elapsed_ms,
             )
         try:
-            outcome = task.result()
+            outcome = flight.task.result()
+        except asyncio.CancelledError:
+            outcome = unhealthy(f"no answer within {self.timeout:g}s (timed out)")
         except Exception as error:
             log.debug("health check %s failed", check.name, exc_info=True)
             outcome = unhealthy(f"check failed: {describe(error)}")
@@ -191,11 +231,6 @@ class HealthRegistry:
             dict(outcome.values),
         )
 
-    def _forget(self, task: asyncio.Task[Outcome]) -> None:
-        self._abandoned.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("an abandoned health check ended with %s", describe(task.exception()))
-
     async def close(self) -> None:
         for closer in self._closers:
             try:
@@ -204,35 +239,10 @@ class HealthRegistry:
                 log.exception("stopping a health check's background work failed")
 
 
-def in_daemon_thread(work: Callable[[], T], name: str = "dbkeeper-check") -> asyncio.Future[T]:
-    """Run blocking ``work()`` on a new daemon thread; await the returned future for its result.
-
-    For health checks, not for the bot's work: a thread stuck on a dead server is abandoned
-    when the check times out, and as a daemon it can hold neither a shared pool nor the exit.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def run() -> None:
-        result: T | None = None
-        error: BaseException | None = None
-        try:
-            result = work()
-        except BaseException as caught:
-            error = caught
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
+def _retrieve(task: asyncio.Task[Outcome]) -> None:
+    """Collect the result of a run nobody may await any more, so its error is not 'lost'."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("a health check ended with %s", describe(task.exception()))
 
 
 def describe(error: BaseException | None) -> str:

@@ -1,69 +1,98 @@
-"""The host: what plugins plug into, and the order in which they start and stop."""
+"""The host: what plugins plug into, and the order in which they start and stop.
+
+The host owns the PTB application and its job queue, the health side (registry, monitor,
+alerts, metrics, HTTP API), the admin rule and the leadership service. Each plugin gets a
+:class:`~dbkeeper.plugin.PluginContext` onto these, never the host itself.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
+
+from telegram.ext import Application, ContextTypes, JobQueue
 
 from dbkeeper.admin import AdminGuard
 from dbkeeper.alerts import Alerter
 from dbkeeper.config import Settings
-from dbkeeper.health import HealthRegistry
+from dbkeeper.health import HealthRegistry, describe
 from dbkeeper.http_api import HealthServer
+from dbkeeper.leadership import LeaderElection, SingleInstance
 from dbkeeper.logs import SECRETS
 from dbkeeper.metrics import Metrics
 from dbkeeper.monitor import HealthMonitor
-from dbkeeper.plugin import Deadline, Plugin, StartupError
+from dbkeeper.plugin import (
+    GROUPS_PER_PLUGIN,
+    Deadline,
+    Job,
+    Plugin,
+    PluginContext,
+    StartupError,
+)
 from dbkeeper.telegram_check import TelegramAPICheck
-from telegram.ext import Application, JobQueue
-
-if TYPE_CHECKING:
-    from dbkeeper.plugins.database.leader import Leadership
 
 log = logging.getLogger("dbkeeper.host")
-
+# PTB handler groups of the plugins (10 each): after the bot's own (group 0 and up to 99).
+HANDLER_GROUP_BASE = 100
 
 State = Literal["starting", "running", "stopping", "stopped"]
+# run: the bot (dbkeeper run, or embedded in a bot); check: one health check from the command
+# line (plugins register their checks, nothing is started, nothing runs in the background).
+Mode = Literal["run", "check"]
 
 
 class Host:
     """Settings, the PTB application and its job queue, the plugins, and the health side.
 
-    Plugins start in the order given and stop in the reverse order, so the database plugin,
-    given first, is ready before anything that needs it and closes after all of them.
-
-    Health: plugins add checks to ``health`` (the registry) in ``setup``; ``monitor`` runs
-    them, ``alerts`` tells the admins, ``metrics`` and ``http`` serve the results.
+    Plugins start in ``order`` (the database plugin first, ready before anything that needs it)
+    and stop in reverse order (the database plugin last).
     """
 
     def __init__(
-        self, settings: Settings, application: Application, plugins: Sequence[Plugin] = ()
+        self,
+        settings: Settings,
+        application: Application[Any, Any, Any, Any, Any, Any],
+        plugins: Sequence[Plugin] | None = None,
+        *,
+        mode: Mode = "run",
     ) -> None:
         SECRETS.add(*settings.secrets())  # redacted from every answer, message and log line
         self.settings = settings
         self.application = application
-        self.plugins: list[Plugin] = []
+        self.mode = mode
+        if plugins is None:
+            plugins = [cls() for cls in settings.plugins]
+        self.plugins: list[Plugin] = sorted(plugins, key=lambda plugin: plugin.order)
         self._started: list[Plugin] = []
         self.state: State = "starting"
         self._born = time.monotonic()
+        self.instance = settings.instance.display_name
+        self.leadership: LeaderElection = SingleInstance(self.instance)
+        self._leadership_provided = False
         self.health = HealthRegistry(timeout=settings.health.check_timeout_seconds)
         self.monitor = HealthMonitor(self.health, settings.health)
-        self.instance = settings.instance.display_name
         self.alerts = Alerter(
             settings, application.bot if self.telegram_enabled else None, source=self.instance
         )
+        self.alerts.standing_by = self._standing_by
         self.monitor.add_listener(self.alerts.observe)
         self.metrics = Metrics(self.monitor, self.alerts)
         self.http = HealthServer(self)
         self.admin = AdminGuard(settings.telegram.admin_ids, settings.telegram.alert_chat_id)
-        self.leadership: Leadership | None = None  # set when instances elect a leader
         self._telegram_ready: list[Callable[[], Awaitable[None]]] = []
+        self._published: dict[str, Any] = {}
+        # An embedding bot's own post_init/post_stop/post_shutdown (see dbkeeper.embed).
+        self.bot_hooks: dict[str, Callable[[Any], Awaitable[None]]] = {}
         if self.telegram_enabled:
             self.health.add("telegram_api", TelegramAPICheck(application.bot))
-        for plugin in plugins:
-            self.add(plugin)
+            self.on_telegram_ready(self._register_admin_menu)
+        for index, plugin in enumerate(self.plugins):
+            group = HANDLER_GROUP_BASE + index * GROUPS_PER_PLUGIN
+            plugin.setup(PluginContext(self, plugin, group))
+        if self.telegram_enabled and self.admin.menu:
+            self.admin.warn_if_no_admins()
 
     @property
     def telegram_enabled(self) -> bool:
@@ -74,36 +103,40 @@ class Host:
         return time.monotonic() - self._born
 
     @property
-    def job_queue(self) -> JobQueue:
+    def job_queue(self) -> JobQueue[Any]:
         job_queue = self.application.job_queue
-        if job_queue is None:  # pragma: no cover - the dependency carries the extra
-            raise RuntimeError("python-telegram-bot was installed without its job-queue extra")
+        if job_queue is None:
+            raise StartupError(
+                "the PTB application has no job queue: build it with the job queue (the "
+                "python-telegram-bot[job-queue] extra, and no .job_queue(None))"
+            )
         return job_queue
 
-    async def alert(self, text: str, *, key: str | None = None) -> None:
-        """Tell the admins about a problem (failed backup, failed migration, ...).
+    # -- what plugins ask for (through their context) ---------------------------------------------
 
-        Returns at once: delivery (Telegram, or the log in local mode) happens in the
-        background. ``key`` groups repeats of the same problem: within
-        ``[health] alert_repeat_seconds`` only the first is sent.
-        """
+    async def alert(self, text: str, *, key: str | None = None) -> None:
+        """Tell the admins; returns at once (delivery happens in the background)."""
         await self.alerts.alert(text, key=key)
 
     @property
     def is_leader(self) -> bool:
-        return self.leadership is None or self.leadership.is_leader
+        return self.leadership.is_leader
 
     @property
     def leader(self) -> str | None:
-        """The leading instance's name (this one's without an election)."""
-        return self.instance if self.leadership is None else self.leadership.leader
+        return self.leadership.leader
 
-    def set_leadership(self, leadership: Leadership) -> None:
-        """Only the leader alerts from now on; standbys log what they would have sent."""
-        self.leadership = leadership
-        self.alerts.standing_by = lambda: (
-            None if leadership.is_leader else (leadership.leader or "another instance")
-        )
+    def set_leadership(self, election: LeaderElection) -> None:
+        if self._leadership_provided:
+            raise RuntimeError("a leader election is already provided by another plugin")
+        self._leadership_provided = True
+        self.leadership = election
+
+    def _standing_by(self) -> str | None:
+        """Only the leader alerts; standbys log what they would have sent."""
+        if self.leadership.is_leader:
+            return None
+        return self.leadership.leader or "another instance"
 
     def describe_instance(self) -> str:
         """Which instance answers and which one leads, for chat answers."""
@@ -116,15 +149,87 @@ class Host:
         self._telegram_ready.append(callback)
 
     async def telegram_ready(self) -> None:
+        self._apply_publications()  # the application's initialize may have replaced bot_data
         for callback in self._telegram_ready:
             try:
                 await callback()
             except Exception:
                 log.exception("a Telegram start-up step failed; the bot runs on")
 
-    def add(self, plugin: Plugin) -> None:
-        self.plugins.append(plugin)
-        plugin.setup(self)
+    def publish(self, key: str, value: Any) -> None:
+        self._published[key] = value
+        self._apply_publications()
+
+    def _apply_publications(self) -> None:
+        for key, value in self._published.items():
+            self.application.bot_data[key] = value
+
+    def add_job(
+        self, owner: str, job: Job, *, name: str, interval: float | None, first: float | None
+    ) -> None:
+        queue = self.job_queue
+        if queue.get_jobs_by_name(name):
+            return
+
+        async def run(_context: ContextTypes.DEFAULT_TYPE) -> None:
+            try:
+                await job()
+            except Exception as error:
+                log.exception("job %s of plugin %s failed", name, owner)
+                await self.alert(f"{owner}: the job {name} failed: {describe(error)}", key=name)
+
+        if interval is None:
+            queue.run_once(run, when=first or 0, name=name)
+            return
+        queue.run_repeating(
+            run,
+            interval=interval,
+            first=first if first is not None else interval,
+            name=name,
+            job_kwargs={
+                "max_instances": 1,
+                "coalesce": True,
+                "misfire_grace_time": max(1, round(interval)),
+            },
+        )
+
+    def remove_jobs(self, name: str) -> None:
+        queue = self.application.job_queue
+        if queue is None:
+            return
+        for job in queue.get_jobs_by_name(name):
+            job.schedule_removal()
+
+    async def _register_admin_menu(self) -> None:
+        """The admin commands in the admins' chats only, after the bot's own menu."""
+        from telegram import BotCommand, BotCommandScopeChat, BotCommandScopeChatMember
+        from telegram.error import TelegramError
+
+        if not self.admin.menu or not self.admin.admin_ids:
+            return
+        bot = self.application.bot
+        try:
+            own = list(await bot.get_my_commands())  # the bot's menu for everyone
+        except TelegramError as error:
+            log.warning("could not read the bot's command menu: %s", error)
+            own = []
+        ours = {command for command, _ in self.admin.menu}
+        menu = [c for c in own if c.command not in ours]
+        menu += [BotCommand(command, description) for command, description in self.admin.menu]
+        admins = sorted(self.admin.admin_ids)
+        scopes: list[BotCommandScopeChat | BotCommandScopeChatMember] = [
+            BotCommandScopeChat(admin) for admin in admins
+        ]
+        alert_chat = self.admin.alert_chat_id
+        if alert_chat and alert_chat not in self.admin.admin_ids:
+            scopes += [BotCommandScopeChatMember(alert_chat, admin) for admin in admins]
+        for scope in scopes:
+            try:
+                await bot.set_my_commands(menu, scope=scope)
+            except TelegramError as error:
+                log.warning("could not register the command menu for %s: %s", scope.type, error)
+
+    # -- start and stop ----------------------------------------------------------------------------
 
     async def start(self) -> None:
         """HTTP API, then every plugin in order, then the health checks (the first one starts
@@ -135,10 +240,12 @@ class Host:
         started is stopped again and the error re-raised.
         """
         try:
+            self.job_queue  # noqa: B018 - fails early, naming the missing job queue
             await self.http.start()
             for plugin in self.plugins:
                 await plugin.start()
                 self._started.append(plugin)
+            self._apply_publications()
             self.state = "running"
             self.monitor.start(self.job_queue)
         except BaseException:

@@ -20,6 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
 from dbkeeper.health import HealthReport, Status
 from dbkeeper.plugin import StartupError
 
@@ -41,8 +42,14 @@ class HealthServer:
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", self._metrics)
         self._metrics_handler = host.metrics.handler()
+        self.extra_routes: list[str] = []
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+
+    def add_route(self, method: str, path: str, handler: Any) -> None:
+        """A plugin's route (before ``start``): operators' pages and JSON under ``/api``."""
+        self.app.router.add_route(method, path, handler)
+        self.extra_routes.append(path)
 
     async def start(self) -> None:
         """Listen; a port in use (or any bind error) stops startup naming the address."""

@@ -40,9 +40,10 @@ import logging
 import signal
 from urllib.parse import urlsplit
 
+from telegram.error import InvalidToken, TelegramError
+
 from dbkeeper.host import Host
 from dbkeeper.plugin import Deadline, StartupError
-from telegram.error import InvalidToken, TelegramError
 
 log = logging.getLogger("dbkeeper.lifecycle")
 EXIT_OK = 0
@@ -145,10 +146,12 @@ async def _run(host: Host, stop: StopRequest) -> int:
     else:
         await host.job_queue.stop(wait=True)
     log.info("shutdown: running handlers and jobs finished")
+    await _bot_hook(host, "post_stop")
     # Shutdown 3-4: health checks, plugins in reverse order (the database last), alerts, HTTP.
     await host.stop(deadline)
     # Shutdown 5: the Bot API connection.
     await application.shutdown()  # a no-op when it never connected
+    await _bot_hook(host, "post_shutdown")
     await _release_bot(host)
     log.info("shutdown complete")
     return EXIT_STARTUP_FAILED if stop.failed else EXIT_OK
@@ -177,6 +180,7 @@ async def _start_telegram(host: Host, stop: StopRequest) -> None:
         return
     log.info("connected to the Telegram Bot API as @%s", application.bot.username)
     await host.telegram_ready()
+    await _bot_hook(host, "post_init")
     await application.start()
     telegram = host.settings.telegram
     if telegram.webhook_url:
@@ -229,11 +233,22 @@ async def _poll_while_leading(host: Host) -> None:
             await updater.stop()
             log.info("stopped polling: %s leads and polls", host.leader or "another instance")
 
-    if host.leadership is not None:
-        host.leadership.on_change(follow)
-        if not host.is_leader:
-            log.info("standing by: %s leads and polls Telegram", host.leader or "another instance")
+    host.leadership.on_change(follow)
+    if not host.is_leader:
+        log.info("standing by: %s leads and polls Telegram", host.leader or "another instance")
     await follow(host.is_leader)
+
+
+async def _bot_hook(host: Host, name: str) -> None:
+    """A bot that embeds dbkeeper keeps its own ``post_init``/``post_stop``/``post_shutdown``
+    (PTB calls them only from ``run_polling``): they run at the same points here."""
+    hook = host.bot_hooks.get(name)
+    if hook is None:
+        return
+    try:
+        await hook(host.application)
+    except Exception:
+        log.exception("the bot's %s failed", name)
 
 
 async def _release_bot(host: Host) -> None:

@@ -19,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from aiohttp.typedefs import Handler
-from dbkeeper.alerts import Alerter
-from dbkeeper.monitor import HealthMonitor
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from dbkeeper.alerts import Alerter
+from dbkeeper.monitor import HealthMonitor
 
 PREFIX = "dbkeeper"
 

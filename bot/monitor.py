@@ -14,9 +14,10 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
+from telegram.ext import ContextTypes, Job, JobQueue
+
 from dbkeeper.config import HealthSettings
 from dbkeeper.health import HealthRegistry, HealthReport, Status
-from telegram.ext import ContextTypes, Job, JobQueue
 
 log = logging.getLogger("dbkeeper.health")
 JOB_NAME = "dbkeeper-health-check"

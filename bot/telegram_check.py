@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 
-from dbkeeper.health import Outcome, degraded, describe, healthy, unhealthy
-from dbkeeper.texts import duration
 from telegram import Bot
 from telegram.error import InvalidToken
+
+from dbkeeper.health import Outcome, degraded, describe, healthy, unhealthy
+from dbkeeper.texts import duration
 
 
 class TelegramAPICheck:

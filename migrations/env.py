@@ -1,25 +1,20 @@
-"""Alembic environment for dbkeeper.
+"""Alembic environment of dbkeeper's example schema (the members feature's tables).
 
-dbkeeper's migrator hands Alembic a connection that is already inside a transaction
-(``config.attributes["connection"]``): each revision then commits, together with its history
-row, or rolls back as one unit. Run from the ``alembic`` command line (to write a new revision),
-the environment builds its own connection from dbkeeper's configuration instead.
+dbkeeper hands Alembic a connection that is already inside a transaction: each revision then
+commits, together with its history row, or rolls back as one unit (``alembic_env``). Run from
+the ``alembic`` command line (to write a new revision), the environment builds its own
+connection from dbkeeper's configuration instead.
 """
 
 from __future__ import annotations
 
 from alembic import context
 from alembic.script import ScriptDirectory
-from dbkeeper.plugins.database.history import HISTORY_TABLE
-from dbkeeper.plugins.database.models import metadata as bot_metadata
+
+from dbkeeper.plugins.database import alembic_env
+from dbkeeper.plugins.members.models import metadata as members_metadata
 
 config = context.config
-IGNORED_TABLES = {HISTORY_TABLE, "alembic_version"}
-
-
-def include_object(obj, name, type_, reflected, compare_to):
-    """Leave dbkeeper's bookkeeping tables out of drift detection and autogenerate."""
-    return not (type_ == "table" and name in IGNORED_TABLES)
 
 
 def next_revision_id(context_, revision, directives):
@@ -32,40 +27,39 @@ def next_revision_id(context_, revision, directives):
     script.rev_id = f"{(max(numbers) if numbers else 0) + 1:04d}"
 
 
-def run_migrations(connection) -> None:
-    context.configure(
-        connection=connection,
-        target_metadata=config.attributes.get("target_metadata", bot_metadata),
-        render_as_batch=connection.dialect.name == "sqlite",
-        include_object=include_object,
-        process_revision_directives=next_revision_id,
-        compare_type=True,
-    )
-    with context.begin_transaction():
-        context.run_migrations()
+OPTIONS = {"process_revision_directives": next_revision_id, "compare_type": True}
 
 
 def run_online() -> None:
-    connection = config.attributes.get("connection")
-    if connection is not None:
-        run_migrations(connection)
+    if alembic_env.run_on_shared_connection(context, members_metadata, **OPTIONS):
         return
     from dbkeeper.config import load_settings
-    from dbkeeper.plugins.database.engine import create_database_engine
+    from dbkeeper.plugins.database.engines import create_database_engine
+    from dbkeeper.plugins.database.settings import DatabaseSettings
 
-    engine = create_database_engine(load_settings().database, purpose="migrations")
-    with engine.begin() as own_connection:
-        run_migrations(own_connection)
+    settings = load_settings().section(DatabaseSettings)
+    engine = create_database_engine(settings, purpose="migrations")
+    with engine.begin() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=members_metadata,
+            render_as_batch=connection.dialect.name == "sqlite",
+            include_object=alembic_env.include_object,
+            **OPTIONS,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
     engine.dispose()
 
 
 if context.is_offline_mode():
     from dbkeeper.config import load_settings
-    from dbkeeper.plugins.database.engine import database_url
+    from dbkeeper.plugins.database.engines import database_url
+    from dbkeeper.plugins.database.settings import DatabaseSettings
 
     context.configure(
-        url=database_url(load_settings().database),
-        target_metadata=bot_metadata,
+        url=database_url(load_settings().section(DatabaseSettings)),
+        target_metadata=members_metadata,
         literal_binds=True,
         render_as_batch=True,
     )

@@ -1,1 +1,2 @@
-"""Plugins the bot host loads; the database plugin is the heart of dbkeeper."""
+"""Plugins that ship with dbkeeper: ``database`` (the heart of dbkeeper) and ``members`` (the
+example feature that owns the example schema)."""

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbkeeper.config import Settings, settings_from_mapping
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+
+from dbkeeper.config import Settings, settings_from_mapping
 
 REPO = Path(__file__).resolve().parent.parent
 ADMIN_POSTGRES_URL = os.environ.get(

@@ -8,10 +8,10 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from dbkeeper.admin import AdminGuard
 from telegram import Update
 from telegram.ext import Application, ContextTypes
 
+from dbkeeper.admin import AdminGuard
 from tests.support.telegram_api import TelegramAPIStandIn
 
 ADMIN, STRANGER, ALERT_CHAT, OTHER_GROUP = 1001, 2002, -100555, -100777
@@ -41,8 +41,8 @@ async def _running(api: TelegramAPIStandIn, guard: AdminGuard) -> AsyncIterator[
     async def ping(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         await update.effective_message.reply_text("pong")
 
-    app.add_handler(guard.command("dbstats", secret))
-    app.add_handler(guard.command("ping", ping))
+    app.add_handlers(guard.command("dbstats", secret))
+    app.add_handlers(guard.command("ping", ping))
     await app.initialize()
     await app.updater.start_polling(poll_interval=0, timeout=1)
     await app.start()

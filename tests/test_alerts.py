@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+
 from dbkeeper.alerts import Alerter, AlertPolicy
 from dbkeeper.app import build_application
 from dbkeeper.config import Settings, settings_from_mapping
 from dbkeeper.health import CheckResult, HealthReport, Status
 from dbkeeper.plugin import Deadline
 from dbkeeper.texts import duration, split_message
-
 from tests.support.telegram_api import DEFAULT_TOKEN, TelegramAPIStandIn
 
 H, D, U = Status.HEALTHY, Status.DEGRADED, Status.UNHEALTHY

@@ -15,13 +15,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
 from dbkeeper.plugin import Deadline
 from dbkeeper.plugins.database import DatabasePlugin
-from dbkeeper.plugins.database import backup as backup_module
-from dbkeeper.plugins.database.backup import BackupManager
-from dbkeeper.plugins.database.backup_sqlite import SqliteBackupEngine
+from dbkeeper.plugins.database.backup import pipeline as backup_module
+from dbkeeper.plugins.database.backup.engines.sqlite import SqliteBackupEngine
+from dbkeeper.plugins.database.backup.pipeline import Backups
 from dbkeeper.plugins.database.errors import BackupError, BackupInProgress
-
 from tests.conftest import SettingsFactory
 from tests.support.backups import (
     SkippingClock,
@@ -236,7 +236,7 @@ def test_missing_database_is_a_clear_failure(
 ) -> None:
     plugin = plugin_factory()
     settings = make_settings(f"sqlite:///{tmp_path / 'nowhere.db'}")
-    manager = BackupManager(
+    manager = Backups(
         settings.backup, SqliteBackupEngine(tmp_path / "nowhere.db"), plugin.migrator
     )
     with pytest.raises(BackupError, match=r"there is no database at .*nowhere\.db"):
@@ -419,7 +419,7 @@ def test_a_full_disk_fails_the_backup_cleanly(
         if phase == "copy":  # no room for a safety backup: a restore stops before the swap
             before = fingerprint(_database(plugin))
             with pytest.raises(BackupError, match="restore stopped before touching the live"):
-                plugin.restore_backup(good.name)
+                plugin.restore(good.name)
             assert fingerprint(_database(plugin)) == before
         (small_disk / "filler").unlink()
         assert plugin.backups.verify(good.name)[0].ok
@@ -435,7 +435,6 @@ async def test_scheduled_backup_runs_through_the_job_queue_and_retries_when_busy
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from dbkeeper.plugins.database import plugin as plugin_module
-
     from tests.support.hosts import free_port, running_host
 
     monkeypatch.setattr(plugin_module, "BACKUP_RETRY_SECONDS", 0.2)

@@ -12,11 +12,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from dbkeeper.plugins.database import DatabasePlugin
-from dbkeeper.plugins.database.errors import BackupError, InvalidBackup, MigrationError
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from dbkeeper.plugins.database import DatabasePlugin
+from dbkeeper.plugins.database.errors import BackupError, InvalidBackup, MigrationError
+from dbkeeper.plugins.database.operations import Operations
 from tests.conftest import SettingsFactory
 from tests.support.backups import SkippingClock, add_users, open_plugin, user_ids
 
@@ -98,7 +99,7 @@ def test_dump_counts_exactly_what_it_holds_while_a_writer_commits(
     assert info.schema_version == 3 and info.tables["schema_migrations"] == 3
     assert plugin.backups.verify(info.name)[0].ok
 
-    report = plugin.restore_backup(info.name)
+    report = plugin.restore(info.name)
     restored = [i for i in user_ids(postgres_url) if i >= 10_000]
     assert len(user_ids(postgres_url)) == info.tables["users"]  # the manifest counted the dump
     assert restored == committed[: len(restored)] and len(restored) >= 20
@@ -112,7 +113,7 @@ def test_restore_of_an_older_schema_on_postgresql(plugin_factory, postgres_url: 
     old = plugin.backups.create("manual")
     plugin.migrate()
     add_users(plugin, 2, start=10)
-    report = plugin.restore_backup(old.name)
+    report = plugin.restore(old.name)
     assert [s.revision.id for s in report.reopened.steps] == ["0003"]
     assert _state(postgres_url)[:2] == ("0003", [1, 2, 3])
     reasons = sorted(b.reason for b in plugin.backups.list())
@@ -160,7 +161,7 @@ def test_damaged_dump_is_refused_by_restore_and_verify(
     before = _state(postgres_url)
 
     with pytest.raises(InvalidBackup) as caught:
-        plugin.restore_backup(info.name)
+        plugin.restore(info.name)
     assert expected in str(caught.value) and "The live database was not touched" in str(
         caught.value
     )
@@ -216,7 +217,7 @@ def test_the_password_travels_in_the_environment_only(
     plugin = plugin_factory(url, pg_bin_dir=str(tools))
     with caplog.at_level(logging.DEBUG):
         info = plugin.backups.create("manual")
-        plugin.restore_backup(info.name)
+        plugin.restore(info.name)
     calls = record.read_text()
     assert "pg_dump --format=custom" in calls and "pg_restore --clean --if-exists" in calls
     assert "PGPASSWORD=set" in calls and secret not in calls
@@ -233,7 +234,7 @@ def test_no_migration_without_its_backup(
     plugin.close()
     empty = tmp_path / "no-tools"
     empty.mkdir()
-    blocked = DatabasePlugin(make_settings(postgres_url, backup={"pg_bin_dir": str(empty)}))
+    blocked = Operations(make_settings(postgres_url, backup={"pg_bin_dir": str(empty)}))
     try:
         with pytest.raises(MigrationError) as caught:
             blocked.open()  # what startup does: migrate, with a pre-migration backup first
@@ -252,8 +253,8 @@ def test_restoring_a_safety_copy_does_not_rotate_it_away_midway(
     add_users(plugin, 2)
     first = plugin.backups.create("manual")
     add_users(plugin, 3, start=10)
-    undo = plugin.restore_backup(first.name).safety  # holds users 1, 2, 10, 11, 12
+    undo = plugin.restore(first.name).safety  # holds users 1, 2, 10, 11, 12
     assert undo is not None
-    report = plugin.restore_backup(undo.name)  # pg_restore reads that very file
+    report = plugin.restore(undo.name)  # pg_restore reads that very file
     assert user_ids(postgres_url) == [1, 2, 10, 11, 12]
     assert report.safety is not None and report.safety.name != undo.name

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from sqlalchemy import text
+
 from dbkeeper.plugin import Deadline
 from dbkeeper.plugins.database import DatabasePlugin
 from dbkeeper.plugins.database.errors import InvalidBackup
-from sqlalchemy import text
-
 from tests.conftest import SettingsFactory
 from tests.support.backups import (
     SkippingClock,
@@ -74,13 +74,13 @@ def test_restore_brings_the_rows_back_and_keeps_the_replaced_database(
     plugin.close()
     _leave_rows_in_the_wal(_file(plugin))
 
-    report = plugin.restore_backup(backup.name)
+    report = plugin.restore(backup.name)
 
     assert user_ids(sqlite_url) == list(range(1, 11))
     assert report.safety is not None and report.safety.reason == "pre-restore"
     assert report.safety.tables["users"] == 16  # the safety copy read the -wal's rows too
     add_users(plugin, 1, start=500)  # the restored database is open and writable
-    undo = plugin.restore_backup(report.safety.name)  # and the restore can be undone
+    undo = plugin.restore(report.safety.name)  # and the restore can be undone
     assert user_ids(sqlite_url) == [*range(1, 16), 99]
     assert undo.safety is not None and undo.safety.tables["users"] == 11
     with sqlite3.connect(_file(plugin)) as connection:
@@ -95,7 +95,7 @@ def test_a_stale_wal_left_beside_a_removed_database_is_not_replayed_into_the_res
     plugin.close()
     _leave_rows_in_the_wal(_file(plugin))
     _file(plugin).unlink()  # an operator removed a broken database, not its -wal
-    report = plugin.restore_backup(backup.name)
+    report = plugin.restore(backup.name)
     assert report.safety is None  # nothing left to keep
     assert user_ids(sqlite_url) == list(range(1, 11))  # the old log's row 99 is not there
     with sqlite3.connect(_file(plugin)) as connection:
@@ -111,7 +111,7 @@ def test_restore_of_an_older_schema_migrates_it_forward(
     assert old.schema_version == 2
     plugin.migrate()
     add_users(plugin, 3, start=4)
-    report = plugin.restore_backup(old.name)
+    report = plugin.restore(old.name)
     assert report.schema_version == 2
     assert [step.revision.id for step in report.reopened.steps] == ["0003"]
     assert plugin.migrator.status().current == "0003"
@@ -270,7 +270,7 @@ def test_bad_backup_is_refused_and_the_live_database_stays_byte_for_byte(
     data_before = listing(_file(plugin).parent)
 
     with pytest.raises(InvalidBackup) as caught:
-        plugin.restore_backup(name)
+        plugin.restore(name)
 
     message = str(caught.value)
     assert expected in message, message
@@ -285,7 +285,7 @@ def test_restore_takes_names_not_paths(plugin: DatabasePlugin, name: str) -> Non
     plugin.close()
     before = fingerprint(_file(plugin))
     with pytest.raises(InvalidBackup, match="is not a backup name: give a name"):
-        plugin.restore_backup(name)
+        plugin.restore(name)
     assert fingerprint(_file(plugin)) == before
 
 
@@ -311,7 +311,7 @@ def test_a_damaged_live_database_is_set_aside_as_it_was_then_restored(
         handle.write(b"\x5a" * 8192)
     damaged_bytes = live.read_bytes()
 
-    report = plugin.restore_backup(good.name)  # no verified safety copy can exist of it ...
+    report = plugin.restore(good.name)  # no verified safety copy can exist of it ...
 
     assert report.safety is None and len(report.set_aside) == 1
     kept = report.set_aside[0]

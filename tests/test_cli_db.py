@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from dbkeeper.plugins.database.models import metadata
 from sqlalchemy import create_engine, text
 
+from dbkeeper.plugins.members.models import metadata
 from tests.support.process import BotProcess, run_cli, write_config
 
 

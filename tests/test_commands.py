@@ -7,17 +7,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from dbkeeper.health import CheckResult, HealthReport, Status
-from dbkeeper.plugins.database.backup import BackupFailure, BackupInfo, BackupStats
+from dbkeeper.plugins.database.backup.manifest import Backup
+from dbkeeper.plugins.database.backup.pipeline import BackupFailure, BackupStats
 from dbkeeper.plugins.database.commands import (
     TABLES_SHOWN,
     format_backup,
     format_dbstats,
     format_health,
 )
-from dbkeeper.plugins.database.health import DatabaseStatistics
-from dbkeeper.plugins.database.history import MigrationStats
-from dbkeeper.plugins.database.migrator import MigrationStatus
-from dbkeeper.plugins.database.probes import Overview
+from dbkeeper.plugins.database.health.checks import DatabaseStatistics
+from dbkeeper.plugins.database.health.probes import Overview
+from dbkeeper.plugins.database.migrate.history import MigrationStats
+from dbkeeper.plugins.database.migrate.migrator import MigrationStatus
 from dbkeeper.texts import split_message
 
 NOW = datetime.now(UTC)
@@ -40,8 +41,8 @@ def _statistics(tables: dict[str, int]) -> DatabaseStatistics:
     )
 
 
-def _backup(name: str = "bot-db-2026-11-25_10-00-00.db.gz") -> BackupInfo:
-    return BackupInfo(
+def _backup(name: str = "bot-db-2026-11-25_10-00-00.db.gz") -> Backup:
+    return Backup(
         name=name,
         path=Path("/nowhere") / name,
         size_bytes=3 * 1024 * 1024,

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dbkeeper.health import Status
 
+from dbkeeper.health import Status
 from tests.conftest import SettingsFactory
 from tests.support.hosts import free_port, get, running_host
 from tests.support.telegram_api import DEFAULT_TOKEN, TelegramAPIStandIn
@@ -51,7 +51,7 @@ async def test_corruption_is_alerted_once_then_resolved_after_a_restore(
         assert host.monitor.last is not None
         assert host.monitor.last.checks["telegram_api"].message == "reachable as @dbkeeper_test_bot"
 
-        await asyncio.to_thread(plugin.flush)
+        await asyncio.to_thread(plugin.operations.flush)
         assert plugin.database.file is not None
         corrupt_sqlite(plugin.database.file)
         alert = await standin.wait_for_message_async("database_integrity", chat_id=ADMIN_CHAT)

@@ -6,9 +6,9 @@ import json
 import re
 from pathlib import Path
 
-from dbkeeper.config import settings_from_mapping
 from sqlalchemy import create_engine, text
 
+from dbkeeper.config import settings_from_mapping
 from tests.support.hosts import free_port, running_host
 from tests.support.process import run_cli, write_config
 

@@ -8,7 +8,6 @@ import time
 from dbkeeper.config import HealthSettings
 from dbkeeper.health import HealthRegistry, Outcome, Status, healthy
 from dbkeeper.monitor import HISTORY_SIZE, HealthMonitor
-
 from tests.conftest import SettingsFactory
 from tests.support.hosts import free_port, running_host
 

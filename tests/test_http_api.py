@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from dbkeeper.health import Outcome, degraded
 from dbkeeper.plugin import Deadline, StartupError
-
 from tests.conftest import SettingsFactory
 from tests.support.hosts import build_host, free_port, get, running_host
 from tests.support.revisions import GATED, add_revision
@@ -50,7 +50,7 @@ async def test_health_answers_the_contract_json_200_then_503_when_unhealthy(
         status, body, _ = await get(host, "/health")
         assert (status, body["status"]) == (200, "healthy")
 
-        await asyncio.to_thread(plugin.flush)
+        await asyncio.to_thread(plugin.operations.flush)
         assert plugin.database.file is not None
         corrupt_sqlite(plugin.database.file)
         await asyncio.sleep(0.02)

@@ -6,10 +6,11 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from dbkeeper.plugins.database.leader import Leadership
-from dbkeeper.plugins.database.service import DatabaseService
 from sqlalchemy import create_engine, text
 
+from dbkeeper.config import ConfigError
+from dbkeeper.plugins.database.leadership import Leadership
+from dbkeeper.plugins.database.service import DatabaseService
 from tests.conftest import SettingsFactory
 
 Factory = Callable[[str], Leadership]
@@ -22,7 +23,8 @@ async def elect(database_url: str, make_settings: SettingsFactory) -> AsyncItera
     def build(name: str) -> Leadership:
         database = DatabaseService(make_settings(database_url).database)
         database.connect()
-        leadership = Leadership(database, instance=name, poll_seconds=3600)  # polls by hand
+        # polls by hand
+        leadership = Leadership(database.settings, instance=name, poll_seconds=3600)
         made.append((leadership, database))
         return leadership
 
@@ -61,7 +63,7 @@ async def test_lost_lock_connection_is_reacquired_without_a_change(
 ) -> None:
     database = DatabaseService(make_settings(postgres_url).database)
     database.connect()
-    leadership = Leadership(database, instance="solo:1", poll_seconds=3600)
+    leadership = Leadership(database.settings, instance="solo:1", poll_seconds=3600)
     changes: list[bool] = []
 
     async def record(is_leader: bool) -> None:
@@ -119,16 +121,12 @@ async def test_a_poll_finishing_after_stop_keeps_nothing(elect: Factory) -> None
     assert third.is_leader  # the lock was not kept by the stopped instance
 
 
-async def test_in_memory_database_always_leads(make_settings: SettingsFactory) -> None:
-    database = DatabaseService(make_settings("sqlite://").database)
-    database.connect()
-    leadership = Leadership(database, instance="mem:1")
-    try:
-        await leadership.start()
-        assert leadership.is_leader
-    finally:
-        await leadership.stop()
-        database.close()
+def test_an_in_memory_database_is_refused_at_startup(make_settings: SettingsFactory) -> None:
+    """Nothing of an in-memory database outlives the process: there is nothing to keep (and no
+    other instance could share it), so the configuration says so instead of leading alone."""
+    for url in ("sqlite://", "sqlite:///:memory:", "sqlite:///file::memory:?cache=shared"):
+        with pytest.raises(ConfigError, match="is an in-memory SQLite database"):
+            make_settings(url)
 
 
 async def test_polling_runs_in_the_background(elect: Factory) -> None:

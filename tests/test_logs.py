@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+
 from dbkeeper.logs import SECRETS, RedactingFormatter, redact, setup_logging
 
 TOKEN = "987654321:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"

@@ -6,20 +6,62 @@ import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from dbkeeper.config import Settings
-from dbkeeper.plugins.database.engine import SQLITE_BEGIN
-from dbkeeper.plugins.database.errors import MigrationError, SchemaTooNew, UnmanagedDatabase
-from dbkeeper.plugins.database.migrator import Migrator
-from dbkeeper.plugins.database.models import metadata
-from dbkeeper.plugins.database.service import DatabaseService
 from sqlalchemy import Connection, inspect, text
 
+from dbkeeper.config import Settings
+from dbkeeper.plugins.database.engines import SQLITE_BEGIN
+from dbkeeper.plugins.database.errors import MigrationError, SchemaTooNew, UnmanagedDatabase
+from dbkeeper.plugins.database.migrate.migrator import MigrationReport, Migrator
+from dbkeeper.plugins.database.migrate.revisions import Revision, Revisions, resolve_location
+from dbkeeper.plugins.database.service import DatabaseService
+from dbkeeper.plugins.members.models import metadata
 from tests.conftest import SettingsFactory
 from tests.support.revisions import ADD_NOTES, BROKEN, add_revision
 
 HEAD_TABLES = {"users", "chats", "chat_settings", "events"}
+
+
+class Steps:
+    """The migrator's change steps in the order ``Operations`` drives them (lock, close
+    interrupted attempts, plan, refuse an unmanaged database, apply), without the backups."""
+
+    def __init__(self, migrator: Migrator) -> None:
+        self.migrator = migrator
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.migrator, name)
+
+    def upgrade(self, target: str = "head") -> MigrationReport:
+        with self.migrator.locked() as schema:
+            interrupted = schema.close_interrupted()
+            status, pending = schema.plan(target)
+            if pending and status.current is None:
+                schema.refuse_unmanaged()
+            report = schema.upgrade(pending, status)
+            report.interrupted = interrupted
+            return report
+
+    def downgrade(self, target: str) -> MigrationReport:
+        with self.migrator.locked() as schema:
+            schema.close_interrupted()
+            return schema.downgrade(target)
+
+    def baseline(self, target: str) -> Revision:
+        revision = self.migrator.revisions.find(target)
+        assert revision is not None
+        with self.migrator.locked() as schema:
+            schema.baseline(revision)
+        return revision
+
+
+def make_migrator(settings: Settings, **kwargs: Any) -> Steps:
+    revisions = Revisions(resolve_location(settings.migrations.script_location))
+    return Steps(
+        Migrator(settings.database, settings.migrations, revisions, metadata=metadata, **kwargs)
+    )
 
 
 class Opened:
@@ -28,7 +70,7 @@ class Opened:
         self.database = DatabaseService(settings.database)
         self.database.connect()
         self.sleeps: list[float] = []
-        self.migrator = Migrator(self.database, settings.migrations, sleep=self.sleeps.append)
+        self.migrator = make_migrator(settings, sleep=self.sleeps.append)
 
     def rows(self, sql: str) -> list[tuple]:
         with self.database.engine.connect() as connection:
@@ -135,7 +177,7 @@ def test_broken_revision_fails_at_once_is_recorded_and_rolled_back(opened, scrip
     db = opened()
     db.migrator.upgrade()
     add_revision(scripts_dir, BROKEN, doc="broken")
-    db.migrator = Migrator(db.database, db.settings.migrations, sleep=db.sleeps.append)
+    db.migrator = make_migrator(db.settings, sleep=db.sleeps.append)
     with pytest.raises(MigrationError) as caught:
         db.migrator.upgrade()
     message = str(caught.value)
@@ -266,7 +308,7 @@ def test_validation_reports_drift_missing_tables_and_changed_revision_files(
         connection.execute(text("DROP TABLE chat_settings"))
     revision = next((scripts_dir / "versions").glob("0002_*.py"))
     revision.write_text(revision.read_text() + "\n# edited after it was applied\n")
-    report = Migrator(db.database, db.settings.migrations).validate()
+    report = make_migrator(db.settings).validate()
     assert report.missing_tables == ["chat_settings"] and not report.ok
     assert "column chats.sneaky is in the database but not declared" in report.drift
     assert "table chat_settings is declared but missing from the database" in report.drift
@@ -294,8 +336,8 @@ def test_a_new_revision_is_applied_on_top(opened, scripts_dir: Path) -> None:
     db = opened()
     db.migrator.upgrade()
     add_revision(scripts_dir, ADD_NOTES, doc="add notes")
-    migrator = Migrator(db.database, db.settings.migrations)
-    assert [r.id for r in migrator.pending()] == ["0004"]
+    migrator = make_migrator(db.settings)
+    assert [r.id for r in migrator.status().pending] == ["0004"]
     assert [s.revision.id for s in migrator.upgrade().steps] == ["0004"]
     assert "notes" in db.tables()
     migrator.close()

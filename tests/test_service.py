@@ -9,11 +9,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from dbkeeper.plugins.database.errors import DatabaseUnavailable
-from dbkeeper.plugins.database.service import DatabaseService
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
+from dbkeeper.plugins.database.errors import DatabaseUnavailable
+from dbkeeper.plugins.database.service import DatabaseService
 from tests.conftest import SettingsFactory
 
 

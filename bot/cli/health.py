@@ -12,6 +12,7 @@ import json
 import time
 
 import click
+
 from dbkeeper.cli.context import CliContext
 from dbkeeper.config import Settings
 from dbkeeper.health import HealthReport, Status
@@ -44,15 +45,11 @@ def health(obj: CliContext, as_json: bool) -> None:
 async def _check(settings: Settings) -> HealthReport:
     from dbkeeper.app import build_application
     from dbkeeper.host import Host
-    from dbkeeper.plugins.database import DatabasePlugin
 
-    plugin = DatabasePlugin(settings)
-    host = Host(settings, build_application(settings), [plugin])
-    plugin.health.background_scans = False
+    host = Host(settings, build_application(settings), mode="check")
     try:
         return await host.health.run()  # the registry, not the monitor: no alerts from here
     finally:
         await host.health.close()
-        await asyncio.to_thread(plugin.close)
         if host.telegram_enabled:
             await host.application.bot.shutdown()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import click
+
 from dbkeeper.cli.context import CliContext
 
 
@@ -15,8 +16,7 @@ def run(obj: CliContext) -> None:
     from dbkeeper.app import build_application
     from dbkeeper.host import Host
     from dbkeeper.lifecycle import run as run_host
-    from dbkeeper.plugins.database import DatabasePlugin
 
     settings = obj.settings
-    host = Host(settings, build_application(settings), [DatabasePlugin(settings)])
+    host = Host(settings, build_application(settings))
     raise SystemExit(asyncio.run(run_host(host)))

@@ -1,94 +1,65 @@
-"""The admin chat commands: /health, /dbstats, /backup, and /start or /help.
+"""The admin chat commands: /health, /dbstats, /backup.
 
 Each handler is a thin caller of the plugin (the same methods the CLI and the HTTP API use);
 this module only decides what to say. Answers use HTML parse mode with every outside value
 escaped, are readable on a phone (one fact per line, the verdict first) and are split at
-Telegram's 4096 characters. The admin guard decides who is answered at all.
+Telegram's 4096 characters. Who is answered at all is the host's admin rule (a PTB filter on
+each handler, in the plugin's own handler group: the bot's own handlers see every update).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from dbkeeper.admin import AdminGuard
-from dbkeeper.health import HealthReport, Status
-from dbkeeper.texts import duration, escape, megabytes, split_message
-from telegram import BotCommand, BotCommandScopeChat, BotCommandScopeChatMember, Update
+from telegram import Update
 from telegram.constants import ChatAction, FileSizeLimit, ParseMode
 from telegram.error import TelegramError
-from telegram.ext import Application, ContextTypes
+from telegram.ext import ContextTypes
 
-from .backup import BackupInfo, BackupStats
+from dbkeeper.health import HealthReport, Status
+from dbkeeper.plugin import PluginContext
+from dbkeeper.texts import duration, escape, megabytes, split_message
+
+from .backup.manifest import Backup
+from .backup.pipeline import BackupStats
 from .errors import BackupError, BackupInProgress
-from .health import DatabaseStatistics
+from .health.checks import DatabaseStatistics
 
 if TYPE_CHECKING:
-    from dbkeeper.host import Host
-
     from .plugin import DatabasePlugin
 
 log = logging.getLogger("dbkeeper.commands")
 ICONS = {Status.HEALTHY: "✅", Status.DEGRADED: "⚠️", Status.UNHEALTHY: "🔴"}
 MENU = [
-    BotCommand("health", "Database health, one line per check"),
-    BotCommand("dbstats", "Schema, migrations, tables and backups"),
-    BotCommand("backup", "Take a verified backup now"),
-    BotCommand("help", "What I can do"),
+    ("health", "Database health, one line per check"),
+    ("dbstats", "Schema, migrations, tables and backups"),
+    ("backup", "Take a verified backup now"),
 ]
 TABLES_SHOWN = 15
 ERROR_CHARS = 400  # an error quoted in an answer is cut here: the log has all of it
 
 
 class AdminCommands:
-    def __init__(
-        self, plugin: DatabasePlugin, host: Host, guard: AdminGuard, instance: Callable[[], str]
-    ) -> None:
+    def __init__(self, plugin: DatabasePlugin, context: PluginContext) -> None:
         self.plugin = plugin
-        self.host = host
-        self.guard = guard
-        self.instance = instance  # "which instance answered and which one leads"
+        self.context = context
 
-    def install(self, application: Application) -> None:
-        for name, callback in (
-            ("health", self.health),
-            ("dbstats", self.dbstats),
-            ("backup", self.backup),
-            ("start", self.help),
-            ("help", self.help),
-        ):
-            application.add_handler(self.guard.command(name, callback))
-
-    async def register_menu(self, application: Application) -> None:
-        """Show the command menu in the admins' chats only (who may run them is the guard's)."""
-        admins = sorted(self.guard.admin_ids)
-        scopes: list[BotCommandScopeChat | BotCommandScopeChatMember] = [
-            BotCommandScopeChat(admin) for admin in admins
-        ]
-        alert_chat = self.guard.alert_chat_id
-        if alert_chat and alert_chat not in self.guard.admin_ids:
-            scopes += [BotCommandScopeChatMember(alert_chat, admin) for admin in admins]
-        for scope in scopes:
-            try:
-                await application.bot.set_my_commands(MENU, scope=scope)
-            except TelegramError as error:
-                log.warning("could not register the command menu for %s: %s", scope.type, error)
+    def install(self) -> None:
+        callbacks = {"health": self.health, "dbstats": self.dbstats, "backup": self.backup}
+        for command, description in MENU:
+            self.context.add_admin_command(command, callbacks[command], description)
 
     # -- the commands ---------------------------------------------------------------------
 
-    async def help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        lines = ["<b>dbkeeper</b> keeps this bot's database alive. Commands:"]
-        lines += [f"/{c.command} — {escape(c.description)}" for c in MENU if c.command != "help"]
-        await self._answer(update, "\n".join(lines))
-
     async def health(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        report = await self.host.monitor.check()
-        await self._answer(update, format_health(report, self.instance()))
+        report = await self.context.health_report()
+        await self._answer(update, format_health(report, self.context.describe_instance()))
 
     async def dbstats(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        assert self.plugin.health is not None
         try:
             stats = await self.plugin.health.statistics()
         except Exception as error:  # a hung or unreachable database: say so, do not go silent
@@ -99,7 +70,9 @@ class AdminCommands:
             )
             return
         backups = await asyncio.to_thread(self.plugin.backups.stats)
-        text = format_dbstats(stats, backups, self.plugin.database.display_url, self.instance())
+        text = format_dbstats(
+            stats, backups, self.plugin.database.display_url, self.context.describe_instance()
+        )
         await self._answer(update, text)
 
     async def backup(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -119,13 +92,13 @@ class AdminCommands:
             )
             return
         await self._answer(update, format_backup(info))
-        if self.plugin.settings.backup.send_to_chat:
+        if self.plugin.operations.backup_settings.send_to_chat:
             await self._upload(update, context, info)
 
     # -- plumbing -------------------------------------------------------------------------
 
     async def _upload(
-        self, update: Update, context: ContextTypes.DEFAULT_TYPE, info: BackupInfo
+        self, update: Update, context: ContextTypes.DEFAULT_TYPE, info: Backup
     ) -> None:
         limit = self.upload_limit()
         if info.size_bytes > limit:
@@ -157,7 +130,7 @@ class AdminCommands:
             await self._answer(update, f"📎 Not sent: {escape(_short(error))}")
 
     def upload_limit(self) -> int:
-        if self.plugin.settings.telegram.local_bot_api:
+        if self.context.settings.telegram.local_bot_api:
             return int(FileSizeLimit.FILESIZE_UPLOAD_LOCAL_MODE)
         return int(FileSizeLimit.FILESIZE_UPLOAD)
 
@@ -225,7 +198,7 @@ def format_dbstats(
     return "\n".join(lines)
 
 
-def format_backup(info: BackupInfo) -> str:
+def format_backup(info: Backup) -> str:
     return (
         f"✅ Backup <code>{escape(info.name)}</code>\n"
         f"{megabytes(info.size_bytes)} ({escape(info.compression)}) in "

@@ -1,33 +1,46 @@
-"""Errors the database plugin raises, and which database errors are worth retrying."""
+"""Errors the database plugin raises. Every message is meant for operators: what happened,
+what was kept safe, and what to do next."""
 
 from __future__ import annotations
 
-import sqlite3
+from dbkeeper.plugin import OperatorError
 
-from dbkeeper.logs import redact
-from sqlalchemy import exc as sa_exc
+from .retry import describe_error, is_transient
 
-# SQLSTATEs that say "try again": serialization failure, deadlock, lock not available,
-# the server shutting down or restarting, too many connections.
-TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"}
-_SQLITE_TRANSIENT_CODES = {
-    getattr(sqlite3, name)
-    for name in ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_BUSY_SNAPSHOT", "SQLITE_BUSY_RECOVERY")
-    if hasattr(sqlite3, name)
-}
-_SQLITE_TRANSIENT_TEXT = ("database is locked", "database table is locked", "database is busy")
+__all__ = [
+    "BackupError",
+    "BackupInProgress",
+    "DatabaseError",
+    "DatabaseMissing",
+    "DatabaseUnavailable",
+    "InvalidBackup",
+    "MigrationError",
+    "MigrationInterrupted",
+    "SchemaTooNew",
+    "UnmanagedDatabase",
+    "describe_error",
+    "is_transient",
+]
 
 
-class DatabaseError(Exception):
-    """Base of the plugin's own errors; the message is meant for operators."""
+class DatabaseError(OperatorError):
+    """Base of the plugin's own errors."""
 
 
 class DatabaseUnavailable(DatabaseError):
     """The database could not be reached after every configured attempt."""
 
 
+class DatabaseMissing(DatabaseError):
+    """A read-only command found no database (it creates none)."""
+
+
 class MigrationError(DatabaseError):
     """Migrating failed; the database stays at the last version that applied cleanly."""
+
+
+class MigrationInterrupted(MigrationError):
+    """A signal stopped a running revision; it was rolled back."""
 
 
 class SchemaTooNew(MigrationError):
@@ -48,34 +61,3 @@ class BackupInProgress(BackupError):
 
 class InvalidBackup(BackupError):
     """A backup file is damaged, foreign or too new to restore; nothing was changed."""
-
-
-def is_transient(error: BaseException) -> bool:
-    """True when retrying the same work could succeed: locks, lost connections, deadlocks."""
-    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
-        return True
-    if isinstance(error, sa_exc.TimeoutError):  # no free connection in the pool, yet
-        return True
-    original = getattr(error, "orig", None) or error
-    sqlstate = getattr(original, "sqlstate", None)
-    if sqlstate:
-        return sqlstate in TRANSIENT_SQLSTATES or sqlstate.startswith("08")
-    if isinstance(original, sqlite3.OperationalError):
-        if getattr(original, "sqlite_errorcode", None) in _SQLITE_TRANSIENT_CODES:
-            return True
-        return any(text in str(original).lower() for text in _SQLITE_TRANSIENT_TEXT)
-    module = type(original).__module__
-    # psycopg raises OperationalError without a SQLSTATE when the connection itself is lost.
-    return module.startswith("psycopg") and type(original).__name__ == "OperationalError"
-
-
-def describe_error(error: BaseException, limit: int = 2000) -> str:
-    """One readable line for logs, history rows and chat: class, SQLSTATE, message; no secrets."""
-    original = getattr(error, "orig", None) or error
-    sqlstate = getattr(original, "sqlstate", None)
-    message = " ".join(str(original).split()) or type(original).__name__
-    prefix = type(original).__name__
-    if sqlstate:
-        prefix += f" [{sqlstate}]"
-    text = redact(f"{prefix}: {message}")
-    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,130 +1,285 @@
-"""Locks that let one process at a time change the schema; the others wait, then go on.
+"""Every lock dbkeeper takes, in one place.
 
-Both kinds are released by the operating system or the server when their holder dies, so a
-killed process never leaves a stale lock behind (the trap of Liquibase's lock row):
+==================  ==========================================  =================================
+lock                SQLite (``flock`` on a file)                PostgreSQL (advisory lock)
+==================  ==========================================  =================================
+``migration``       ``bot.db.migrate.lock`` beside the database  key 1, on the migrating connection
+``leader``          ``bot.db.leader.lock``                       key 2, on a named connection
+``backup``          ``<backup dir>/.dbkeeper-backup.lock``       (the file lock, on every engine)
+``in use``          ``bot.db.inuse.lock``, shared while a bot    (none: PostgreSQL serves many)
+                    runs, exclusive while a restore swaps files
+==================  ==========================================  =================================
 
-* SQLite: ``flock`` on a file beside the database (``bot.db.migrate.lock``);
-* PostgreSQL: a session advisory lock on a connection of its own (the lock of Flyway and
-  golang-migrate). Behind a transaction-mode PgBouncer session locks do not work: point
-  dbkeeper at the server or at a session-mode pool.
+Both kinds vanish with their holder (the kernel drops a dead process's ``flock``; the server
+ends a dead session's advisory locks), so a killed process never leaves a stale lock behind (the
+trap of Liquibase's lock row). Lock files are opened without following links and never
+truncated through a path: a lock file planted as a symlink to the database is refused, not
+written through. A directory dbkeeper writes to must be its own (or root's) and not writable by
+everyone (:func:`check_directory`). A failure at any step releases what the step took.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
+import logging
 import os
 import socket
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, Row, text
 
-from .errors import MigrationError
+from .errors import DatabaseError
 
+log = logging.getLogger("dbkeeper.locks")
 # Advisory lock keys (two int4): "dbkm" and one number per purpose.
 ADVISORY_NAMESPACE = 0x64626B6D
 MIGRATION_LOCK_ID = 1
-POLL_SECONDS = 0.2
+LEADER_LOCK_ID = 2
+POLL_SECONDS = 0.1
 WAIT_REPORT_SECONDS = 30.0
 
 
-class SchemaLock(Protocol):
+class UnsafePath(DatabaseError):
+    """A lock or state file, or a directory, that dbkeeper refuses to write through."""
+
+
+class Lock(Protocol):
     def try_acquire(self) -> bool: ...
     def release(self) -> None: ...
     def holder(self) -> str: ...
 
 
-def _owner_text() -> str:
+def owner_text() -> str:
     since = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return f"pid {os.getpid()} on {socket.gethostname()} since {since}"
 
 
-class FileLock:
-    """An exclusive ``flock`` on a file; the file records who holds it."""
+# -- files and directories ---------------------------------------------------------------------
 
-    def __init__(self, path: Path) -> None:
+
+def check_directory(directory: Path, purpose: str) -> None:
+    """Refuse a directory that others could plant files in (links to the database, say).
+
+    It must be a directory, owned by this user or root, and not writable by everyone.
+    Group-writable is fine: a backup volume shared by instances of one service.
+    """
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        return  # created by dbkeeper, with its own mode
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafePath(f"{purpose} {directory} is not a directory")
+    if info.st_uid not in (os.geteuid(), 0):
+        raise UnsafePath(
+            f"{purpose} {directory} belongs to another user (uid {info.st_uid}); dbkeeper "
+            "writes only into directories of its own user (or root's). Change its owner or "
+            "point the setting at a directory of this user."
+        )
+    if info.st_mode & stat.S_IWOTH:
+        raise UnsafePath(
+            f"{purpose} {directory} is writable by every user (mode "
+            f"{stat.S_IMODE(info.st_mode):o}): anyone could plant a link there that dbkeeper "
+            f"would write through. Run `chmod o-w {directory}`."
+        )
+
+
+def open_private(path: Path, *, create: bool = True) -> int:
+    """Open ``path`` read-write without following a link, creating it (0600) if asked.
+
+    Refuses anything but a regular file of this user (or root): never writes through a link.
+    """
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise UnsafePath(
+                f"{path} is a symbolic link; dbkeeper never writes through links. Remove it "
+                "(nothing else of dbkeeper's is kept there)."
+            ) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafePath(f"{path} is not a regular file; remove it")
+        if info.st_uid not in (os.geteuid(), 0):
+            raise UnsafePath(f"{path} belongs to another user (uid {info.st_uid}); remove it")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class FileLock:
+    """A ``flock`` on a file that records who holds it (best effort: a full disk still locks)."""
+
+    def __init__(self, path: Path, *, label: str | None = None) -> None:
         self.path = path
+        self.label = label or owner_text
         self._fd: int | None = None
 
-    def try_acquire(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def try_acquire(self, *, shared: bool = False) -> bool:
+        fd = open_private(self.path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return False
-        os.ftruncate(fd, 0)
-        os.write(fd, _owner_text().encode())
+        except BaseException:
+            os.close(fd)
+            raise
+        if not shared:
+            with contextlib.suppress(OSError):  # who holds it is only for the log
+                os.ftruncate(fd, 0)
+                text_ = self.label() if callable(self.label) else self.label
+                os.pwrite(fd, text_.encode(), 0)
         self._fd = fd
+        return True
+
+    def downgrade(self) -> None:
+        """Exclusive to shared, without letting go in between."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+
+    def upgrade(self) -> bool:
+        """Shared to exclusive if nobody else shares it; False (still shared) otherwise."""
+        if self._fd is None:
+            return False
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
         return True
 
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
 
     def holder(self) -> str:
         try:
-            return self.path.read_text().strip() or "another process"
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return "another process"
+        try:
+            return os.read(fd, 512).decode(errors="replace").strip() or "another process"
+        finally:
+            os.close(fd)
 
 
-class NoLock:
-    """For in-memory SQLite databases, which no other process can see."""
+def migration_lock(database_file: Path) -> FileLock:
+    return FileLock(database_file.with_name(database_file.name + ".migrate.lock"))
 
-    def try_acquire(self) -> bool:
-        return True
 
-    def release(self) -> None:
-        pass
+def leader_lock(database_file: Path, instance: str) -> FileLock:
+    return FileLock(database_file.with_name(database_file.name + ".leader.lock"), label=instance)
 
-    def holder(self) -> str:
-        return "nobody"
+
+def in_use_lock(database_file: Path) -> FileLock:
+    return FileLock(database_file.with_name(database_file.name + ".inuse.lock"))
+
+
+def backup_lock(directory: Path) -> FileLock:
+    return FileLock(directory / ".dbkeeper-backup.lock")
+
+
+# -- PostgreSQL advisory locks --------------------------------------------------------------------
 
 
 class AdvisoryLock:
-    """A PostgreSQL session advisory lock held on a connection of its own."""
+    """A PostgreSQL session advisory lock, taken on a connection the caller gives.
 
-    def __init__(self, engine: Engine, lock_id: int = MIGRATION_LOCK_ID) -> None:
+    The connection must stay open (in autocommit) while the lock is held; the lock ends with
+    the session, so work done on that very connection can never outlive the lock.
+    """
+
+    def __init__(self, engine: Engine, lock_id: int) -> None:
         self.engine = engine
         self.lock_id = lock_id
-        self._connection: Connection | None = None
+        self.connection: Connection | None = None
 
-    def try_acquire(self) -> bool:
-        connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        acquired = connection.execute(
-            text("SELECT pg_try_advisory_lock(:ns, :id)"),
-            {"ns": ADVISORY_NAMESPACE, "id": self.lock_id},
-        ).scalar_one()
+    def try_acquire(self, connection: Connection | None = None) -> bool:
+        """Take the lock on ``connection`` (default: a new autocommit connection of its own)."""
+        own = connection is None
+        conn = connection or self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            acquired = conn.execute(
+                text("SELECT pg_try_advisory_lock(:ns, :id)"),
+                {"ns": ADVISORY_NAMESPACE, "id": self.lock_id},
+            ).scalar_one()
+            if not own:
+                conn.commit()  # never leave the caller's connection in a transaction
+        except BaseException:
+            if own:
+                conn.close()
+            raise
         if not acquired:
-            connection.close()
+            if own:
+                conn.close()
             return False
-        self._connection = connection
+        self.connection = conn
         return True
 
+    def alive(self) -> bool:
+        """Whether the lock is still ours: its session is there and holds it."""
+        if self.connection is None:
+            return False
+        try:
+            held = self.connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                    "AND pid = pg_backend_pid() AND classid = :ns AND objid = :id "
+                    "AND objsubid = 2"
+                ),
+                {"ns": ADVISORY_NAMESPACE, "id": self.lock_id},
+            ).scalar_one()
+            self.connection.commit()
+            return bool(held)
+        except Exception:
+            self.forget()
+            return False
+
+    def forget(self) -> None:
+        """The session is gone (or going): drop it without asking the server."""
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.invalidate()
+                connection.close()
+
     def release(self) -> None:
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
+        if self.connection is not None:
+            connection, self.connection = self.connection, None
             try:
                 connection.execute(
                     text("SELECT pg_advisory_unlock(:ns, :id)"),
                     {"ns": ADVISORY_NAMESPACE, "id": self.lock_id},
                 )
+                connection.commit()
             finally:
                 connection.close()  # closing the session releases the lock in any case
 
     def holding_session(self) -> Row[Any] | None:
-        """The session holding the lock (pid, application_name, backend_start), if any."""
+        """The session holding the lock in this database (pid, application_name, start)."""
         query = text(
             "SELECT a.pid, a.application_name, a.backend_start "
             "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.granted "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database()) "
             "AND l.classid = :ns AND l.objid = :id AND l.objsubid = 2"
         )
         with self.engine.connect() as connection:
@@ -141,24 +296,45 @@ class AdvisoryLock:
         return f"{row.application_name or 'a session'} (server pid {row.pid}, connected {since})"
 
 
+# -- waiting -----------------------------------------------------------------------------------
+
+
 def acquire(
-    lock: SchemaLock,
+    attempt: Callable[[], bool],
     *,
-    timeout: float,
+    holder: Callable[[], str],
+    timeout: float | None,
     on_wait: Callable[[str], None],
+    gave_up: Callable[[str], Exception],
+    stopped: Callable[[], str | None] = lambda: None,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Wait for ``lock`` up to ``timeout`` seconds, reporting the holder now and then."""
-    deadline = clock() + timeout
+    """Call ``attempt()`` until it succeeds: the one loop that waits for a lock.
+
+    ``on_wait(holder)`` is told who holds it now and then; ``gave_up(why)`` builds the error
+    raised after ``timeout`` seconds or when ``stopped()`` gives a reason (a deadline, a stop).
+    """
+    deadline = None if timeout is None else clock() + timeout
     next_report = clock()
-    while not lock.try_acquire():
+    while not attempt():
+        why = stopped()
         now = clock()
-        if now >= deadline:
-            raise MigrationError(
-                f"gave up waiting for the migration lock after {timeout:.0f}s; it is held by "
-                f"{lock.holder()}. If that process is stuck, stop it and start again."
-            )
+        if why is None and deadline is not None and now >= deadline:
+            why = f"gave up after {timeout:.0f}s"
+        if why is not None:
+            raise gave_up(f"{why}; it is held by {holder()}")
         if now >= next_report:
-            on_wait(lock.holder())
+            on_wait(holder())
             next_report = now + WAIT_REPORT_SECONDS
-        time.sleep(min(POLL_SECONDS, max(0.0, deadline - now)))
+        pause = POLL_SECONDS if deadline is None else min(POLL_SECONDS, max(0.0, deadline - now))
+        time.sleep(pause)
+
+
+@contextlib.contextmanager
+def held(lock: FileLock, **wait: Any) -> Iterator[FileLock]:
+    """Hold ``lock`` for the block (waiting as :func:`acquire` does); always released."""
+    acquire(lock.try_acquire, holder=lock.holder, **wait)
+    try:
+        yield lock
+    finally:
+        lock.release()

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from dbkeeper.config import settings_from_mapping
 
+from dbkeeper.config import settings_from_mapping
 from tests.support.backups import add_users, listing, open_plugin, user_ids
 from tests.support.process import REPO, BotProcess, run_cli, write_config
 

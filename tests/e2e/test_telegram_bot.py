@@ -100,7 +100,8 @@ def test_admin_commands_answer_and_strangers_get_nothing(
         stats = api.wait_for_message(lambda m: m["text"].startswith("<b>Database</b>"), ADMIN)
         text = stats["text"]
         assert "Schema v3 (0 pending)" in text and "Migrations: 3 applied, 0 failed" in text
-        assert "4 tables" in text and "• users: ≈0" in text
+        # The admin who talked to the bot is a member now (the members feature records everyone).
+        assert "4 tables" in text and "• users: ≈1" in text
         assert "<b>Backups</b> 1 ·" in text
 
         # A stranger, in private and in a group: no answer, no backup, one log line each.

@@ -9,10 +9,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import zstandard
-from dbkeeper.config import Settings
-from dbkeeper.plugins.database import DatabasePlugin
-from dbkeeper.plugins.database.backup import BackupManager
 from sqlalchemy import create_engine, text
+
+from dbkeeper.config import Settings
+from dbkeeper.plugins.database.backup.pipeline import Backups
+from dbkeeper.plugins.database.operations import Operations
 
 
 class SkippingClock:
@@ -34,14 +35,15 @@ class SkippingClock:
         self.offset += timedelta(seconds=seconds)
 
 
-def open_plugin(settings: Settings, clock: SkippingClock | None = None) -> DatabasePlugin:
-    """A plugin on ``settings``, connected and migrated (as ``start`` does, without a host)."""
-    plugin = DatabasePlugin(settings)
+def open_plugin(settings: Settings, clock: SkippingClock | None = None) -> Operations:
+    """The database plugin's operations on ``settings``, connected and migrated (as ``start``
+    does, without a host)."""
+    plugin = Operations(settings)
     if clock is not None:
-        plugin.backups = BackupManager(
+        plugin.backups = Backups(
             settings.backup,
             plugin.backups.engine,
-            plugin.migrator,
+            plugin.revisions,
             clock=clock.now,
             sleep=clock.sleep,
         )
@@ -49,7 +51,7 @@ def open_plugin(settings: Settings, clock: SkippingClock | None = None) -> Datab
     return plugin
 
 
-def add_users(plugin: DatabasePlugin, count: int, start: int = 1, text_size: int = 0) -> None:
+def add_users(plugin: Operations, count: int, start: int = 1, text_size: int = 0) -> None:
     """Insert ``count`` users with ids from ``start`` (``text_size`` bytes of name each)."""
     filler = "x" * text_size
     with plugin.database.connection() as connection:

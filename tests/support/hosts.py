@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+
 from dbkeeper.app import build_application
 from dbkeeper.config import Settings
 from dbkeeper.host import Host
@@ -23,8 +24,10 @@ def free_port() -> int:
 
 
 def build_host(settings: Settings) -> tuple[Host, DatabasePlugin]:
-    plugin = DatabasePlugin(settings)
-    return Host(settings, build_application(settings), [plugin]), plugin
+    """A host with the plugins ``settings`` names; the database plugin beside it."""
+    host = Host(settings, build_application(settings))
+    plugin = next(p for p in host.plugins if isinstance(p, DatabasePlugin))
+    return host, plugin
 
 
 @contextlib.asynccontextmanager

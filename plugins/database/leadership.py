@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from dbkeeper.config import InstanceSettings
-from dbkeeper.health import in_daemon_thread
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.pool import NullPool
+from sqlalchemy import Engine, text
 
-from .locks import AdvisoryLock, FileLock, NoLock
-from .service import DatabaseService
+from dbkeeper.leadership import ChangeCallback
+
+from .engines import APPLICATION_NAMES, create_database_engine, database_url, sqlite_file
+from .locks import LEADER_LOCK_ID, AdvisoryLock, FileLock, leader_lock
+from .settings import DatabaseSettings
+from .timeouts import in_daemon_thread
 
 log = logging.getLogger("dbkeeper.leader")
-LEADER_LOCK_ID = 2
-LEADER_APPLICATION_NAME = "dbkeeper-leader "
-ChangeCallback = Callable[[bool], Awaitable[None]]
+LEADER_APPLICATION_NAME = APPLICATION_NAMES["leader"] + " "
 
 
 class _PostgresLeaderLock(AdvisoryLock):
@@ -45,23 +42,14 @@ class _PostgresLeaderLock(AdvisoryLock):
 
     def alive(self) -> bool:
         """Is our lock connection still there (and with it the lock)?"""
-        if self._connection is None:
+        if self.connection is None:
             return False
         try:
-            self._connection.execute(text("SELECT 1"))
+            self.connection.execute(text("SELECT 1"))
             return True
         except Exception:
-            self._forget()
+            self.forget()
             return False
-
-    def _forget(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            try:
-                connection.invalidate()
-                connection.close()
-            except Exception:  # the server is gone; nothing to clean up there
-                pass
 
     def holder(self) -> str:
         """The leading instance's name; raises when the database is unreachable."""
@@ -71,27 +59,24 @@ class _PostgresLeaderLock(AdvisoryLock):
         return name[len(prefix) :] if name and name.startswith(prefix) else (name or "")
 
 
-class _FileLeaderLock(FileLock):
+class _FileLeaderLock:
+    """``flock`` on ``bot.db.leader.lock``, which names the leading instance."""
+
     def __init__(self, path: Path, instance: str) -> None:
-        super().__init__(path)
-        self.instance = instance
+        self.lock: FileLock = leader_lock(path, instance)
 
     def try_acquire(self) -> bool:
-        if not super().try_acquire():
-            return False
-        assert self._fd is not None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, self.instance.encode(), 0)
-        return True
+        return self.lock.try_acquire()
+
+    def release(self) -> None:
+        self.lock.release()
 
     def alive(self) -> bool:
-        return self._fd is not None
+        return self.lock.held
 
     def holder(self) -> str:
-        try:
-            return self.path.read_text().strip()
-        except OSError:
-            return ""
+        text_ = self.lock.holder()
+        return "" if text_ == "another process" else text_
 
 
 class Leadership:
@@ -99,17 +84,17 @@ class Leadership:
 
     def __init__(
         self,
-        database: DatabaseService,
+        database: DatabaseSettings,
         *,
-        instance: str | None = None,
+        instance: str,
         poll_seconds: float = 5.0,
     ) -> None:
         self.database = database
-        self.instance = instance or InstanceSettings().display_name
+        self.instance = instance
         self.poll_seconds = poll_seconds
         self.is_leader = False
         self.leader: str | None = None  # the leading instance's name, as last seen
-        self._lock: _PostgresLeaderLock | _FileLeaderLock | NoLock | None = None
+        self._lock: _PostgresLeaderLock | _FileLeaderLock | None = None
         self._engine: Engine | None = None
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[ChangeCallback] = []
@@ -117,7 +102,7 @@ class Leadership:
         self._pending: asyncio.Future[tuple[bool, str | None, bool]] | None = None
         self._free_polls = 0  # consecutive polls that found the lock free
         self._stopped = False
-        self._timeout = max(1.0, database.settings.connect_timeout_seconds)
+        self._timeout = max(1.0, database.connect_timeout_seconds)
 
     def on_change(self, callback: ChangeCallback) -> None:
         """Call ``callback(is_leader)`` whenever this instance gains or loses leadership."""
@@ -204,8 +189,6 @@ class Leadership:
     def _campaign(self, eager: bool) -> tuple[bool, str | None, bool]:
         lock = self._lock
         assert lock is not None
-        if isinstance(lock, NoLock):
-            return True, self.instance, True
         if self.is_leader and lock.alive():
             return True, self.instance, True
         try:
@@ -235,23 +218,13 @@ class Leadership:
         except Exception:  # closing the session (or the process exiting) releases it anyway
             log.debug("releasing the leader lock failed", exc_info=True)
 
-    def _make_lock(self) -> _PostgresLeaderLock | _FileLeaderLock | NoLock:
-        if self.database.dialect == "postgresql":
+    def _make_lock(self) -> _PostgresLeaderLock | _FileLeaderLock:
+        file = sqlite_file(database_url(self.database))
+        if file is None:
             # Its own connection, named so that every instance can see who leads.
-            timeout = max(1, round(self.database.settings.connect_timeout_seconds))
-            self._engine = create_engine(
-                self.database.url,
-                poolclass=NullPool,
-                connect_args={
-                    "connect_timeout": timeout,
-                    "application_name": f"{LEADER_APPLICATION_NAME}{self.instance}"[:63],
-                },
-            )
+            self._engine = create_database_engine(self.database, "leader", name=self.instance)
             return _PostgresLeaderLock(self._engine, self.instance)
-        if self.database.file is None:
-            return NoLock()
-        path = self.database.file.with_name(self.database.file.name + ".leader.lock")
-        return _FileLeaderLock(path, self.instance)
+        return _FileLeaderLock(file, self.instance)
 
 
 def describe(leadership: Leadership | None) -> str:

@@ -71,7 +71,7 @@ def codec_for_suffix(name: str) -> str:
 
 def create_private(path: Path) -> BinaryIO:
     """A new file only its owner can read (backups hold users' data); never an existing one."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     return os.fdopen(fd, "wb")
 
 

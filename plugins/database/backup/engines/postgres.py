@@ -22,14 +22,14 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dbkeeper.logs import redact
-from sqlalchemy import Connection, Engine, create_engine, text
-from sqlalchemy.engine import URL
-from sqlalchemy.pool import NullPool
+from sqlalchemy import Connection, Engine, text
 
-from .backup_engine import ContentFacts, Interrupted, Limits, Progress
-from .engine import safe_url
-from .errors import BackupError, InvalidBackup
+from dbkeeper.logs import redact
+
+from ...engines import create_database_engine, database_url, safe_url
+from ...errors import BackupError, InvalidBackup
+from ...settings import DatabaseSettings
+from .base import ContentFacts, Interrupted, Limits, Progress
 
 POLL_SECONDS = 0.2
 RESTORE_LOCK_TIMEOUT = "60s"  # pg_restore gives up (and rolls back) rather than wait forever
@@ -59,10 +59,11 @@ class PostgresBackupEngine:
     raw_compression = "custom"
     can_set_aside = False  # a damaged server is PostgreSQL's to repair, not ours to rename
 
-    def __init__(self, url: URL, *, bin_dir: str = "", connect_timeout: float = 10) -> None:
-        self.url = url
+    def __init__(self, database: DatabaseSettings, *, bin_dir: str = "") -> None:
+        self.database = database
+        self.url = database_url(database)
         self.bin_dir = bin_dir
-        self.connect_timeout = connect_timeout
+        self.connect_timeout = database.connect_timeout_seconds
         self._tool = "pg_dump"
 
     # -- the live database --------------------------------------------------------------------
@@ -184,14 +185,7 @@ class PostgresBackupEngine:
         remaining = limits.remaining() if limits is not None else None
         if remaining is not None:
             timeout = min(timeout, remaining)
-        engine: Engine = create_engine(
-            self.url,
-            poolclass=NullPool,
-            connect_args={
-                "connect_timeout": max(1, round(timeout)),
-                "application_name": f"dbkeeper-backup pid {os.getpid()}",
-            },
-        )
+        engine: Engine = create_database_engine(self.database, "tool", timeout=timeout)
         try:
             with engine.connect() as connection:
                 yield connection
@@ -331,6 +325,9 @@ class PostgresBackupEngine:
 
     def put_back(self, paths: list[Path]) -> None:
         pass
+
+    def in_use_elsewhere(self) -> str | None:
+        return None  # a server serves every instance; pg_restore runs in one transaction
 
     def exclusive(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()

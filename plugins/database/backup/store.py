@@ -20,14 +20,12 @@ import re
 import secrets
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .compression import create_private, fsync_file
-from .errors import InvalidBackup
-from .locks import FileLock
-from .manifest import MANIFEST_SUFFIX, Manifest, manifest_path, read_manifest, write_manifest
+from ..errors import InvalidBackup
+from ..locks import FileLock, backup_lock, check_directory, open_private
+from .manifest import MANIFEST_SUFFIX, Backup, manifest_path, read_manifest, write_manifest
 
 PREFIX = "bot-db-"
 TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"
@@ -35,17 +33,8 @@ NAME_PATTERN = re.compile(
     r"^bot-db-(?P<time>\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)(?P<suffix>\.db(?:\.gz|\.zst)?|\.dump)$"
 )
 TEMP_PREFIX = ".dbkeeper-tmp-"
-LOCK_NAME = ".dbkeeper-backup.lock"
 FAILURE_NAME = ".dbkeeper-last-failure.json"
 EXAMPLE_NAME = "bot-db-2026-01-31_03-00-00.db.gz"
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A complete backup: its file and its manifest."""
-
-    path: Path
-    manifest: Manifest
 
 
 def fsync_directory(directory: Path) -> None:
@@ -112,13 +101,15 @@ class BackupStore:
     # -- the directory ------------------------------------------------------------------------
 
     def ensure(self) -> None:
+        """The directory exists, and is safe to write into (``locks.check_directory``)."""
+        check_directory(self.directory, "the backup directory")
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def lock(self) -> FileLock:
         self.ensure()
-        return FileLock(self.directory / LOCK_NAME)
+        return backup_lock(self.directory)
 
-    def entries(self) -> list[Entry]:
+    def entries(self) -> list[Backup]:
         """Complete backups, newest first: a file with the contract's name and its manifest.
 
         When a deferred compression was interrupted after its result was committed, the same
@@ -126,28 +117,27 @@ class BackupStore:
         """
         if not self.directory.is_dir():
             return []
-        by_stem: dict[str, Entry] = {}
+        by_stem: dict[str, Backup] = {}
         for item in os.scandir(self.directory):
             match = NAME_PATTERN.match(item.name)
-            if not match or not item.is_file():
+            if not match or not item.is_file(follow_symlinks=False):
                 continue
-            path = Path(item.path)
-            manifest = read_manifest(path)
-            if manifest is None or manifest.name != item.name:
+            backup = read_manifest(Path(item.path))
+            if backup is None or backup.name != item.name:
                 continue
             stem = item.name[: -len(match["suffix"])]
             known = by_stem.get(stem)
-            if known is None or known.manifest.pending_compression:
-                by_stem[stem] = Entry(path, manifest)
-        return sorted(by_stem.values(), key=lambda e: e.manifest.created_at, reverse=True)
+            if known is None or known.pending_compression:
+                by_stem[stem] = backup
+        return sorted(by_stem.values(), key=lambda b: b.created_at, reverse=True)
 
-    def commit(self, file: Path, name: str, manifest: Manifest) -> Path:
-        """Make ``file`` the backup ``name``: manifest first, then the rename, then fsync."""
-        target = self.directory / name
-        write_manifest(manifest, manifest_path(target), self.temp(name + MANIFEST_SUFFIX))
+    def commit(self, file: Path, backup: Backup) -> Backup:
+        """Make ``file`` the backup ``backup.name``: manifest first, then the rename, fsync."""
+        target = self.directory / backup.name
+        write_manifest(backup, manifest_path(target), self.temp(backup.name + MANIFEST_SUFFIX))
         os.replace(file, target)
         fsync_directory(self.directory)
-        return target
+        return backup.at(target)
 
     def delete(self, path: Path) -> None:
         """Delete a backup: the file first, so that a crash leaves an orphan manifest at most."""
@@ -168,8 +158,8 @@ class BackupStore:
             if name.startswith(TEMP_PREFIX) or orphan:
                 found.append(path)
             elif NAME_PATTERN.match(name) and name not in listed and name.endswith(".db"):
-                manifest = read_manifest(path)
-                if manifest is not None and manifest.pending_compression:
+                backup = read_manifest(path)
+                if backup is not None and backup.pending_compression:
                     found += [path, manifest_path(path)]  # its compressed twin was committed
         return found
 
@@ -186,10 +176,13 @@ class BackupStore:
         scratch = self.temp("failure")
         try:
             self.ensure()
-            with create_private(scratch) as out:
+            fd = open_private(scratch)
+            try:
                 data = {"at": at.isoformat(), "reason": reason, "error": error}
-                out.write(json.dumps(data).encode())
-                fsync_file(out)
+                os.write(fd, json.dumps(data).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(scratch, self.directory / FAILURE_NAME)
         except OSError:
             remove(scratch)

@@ -13,15 +13,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from .backup_engine import BackupEngine, ContentFacts, Limits, Progress
+from ..errors import InvalidBackup
+from ..migrate.bookkeeping import HISTORY_TABLE, VERSION_TABLE
 from .compression import CorruptData, codec_for_suffix, create_private, decompress, hash_file
-from .errors import InvalidBackup
-from .history import HISTORY_TABLE
-from .manifest import Manifest
+from .engines.base import BackupEngine, ContentFacts, Limits, Progress
+from .manifest import Backup
 
 
 class RevisionSource(Protocol):
-    def revisions(self) -> list[Any]: ...  # objects with .id and .version (Migrator.revisions)
+    """The revisions this code knows (``migrate.Revisions``)."""
+
+    def all(self) -> list[Any]: ...  # objects with .id and .version
+
+    def version_of(self, revision_id: str | None) -> int: ...
 
 
 class BackupInspector:
@@ -32,7 +36,7 @@ class BackupInspector:
     def inspect(
         self,
         path: Path,
-        manifest: Manifest | None,
+        manifest: Backup | None,
         target: Path | None,
         progress: Progress,
         limits: Limits,
@@ -47,7 +51,7 @@ class BackupInspector:
     def unpack(
         self,
         path: Path,
-        manifest: Manifest | None,
+        manifest: Backup | None,
         target: Path | None,
         progress: Progress,
         limits: Limits,
@@ -102,7 +106,7 @@ class BackupInspector:
             )
         return target
 
-    def compare(self, name: str, manifest: Manifest | None, facts: ContentFacts) -> None:
+    def compare(self, name: str, manifest: Backup | None, facts: ContentFacts) -> None:
         if manifest is None:
             return
         differences = [
@@ -121,14 +125,14 @@ class BackupInspector:
 
     def admissible(self, name: str, facts: ContentFacts) -> None:
         """Only a database of this bot, at a schema this code knows, may replace the live one."""
-        missing = [t for t in (HISTORY_TABLE, "alembic_version") if t not in facts.tables]
+        missing = [t for t in (HISTORY_TABLE, VERSION_TABLE) if t not in facts.tables]
         if missing or facts.revision is None:
             tables = ", ".join(sorted(facts.tables)[:8]) or "none"
             raise InvalidBackup(
                 f"{name} is not a backup of this bot's database: it has no "
                 f"{' and no '.join(missing) or 'schema version'} (its tables: {tables})"
             )
-        revisions = self.schema.revisions()
+        revisions = self.schema.all()
         known = {revision.id for revision in revisions}
         if facts.revision in known:
             return

@@ -26,6 +26,20 @@ def no_progress(phase: str, done: int, total: int | None) -> None:
     pass
 
 
+def serialized(progress: Progress | None) -> Progress:
+    """``progress`` made safe to call from the threads of one backup (a check runs beside the
+    compression)."""
+    if progress is None:
+        return no_progress
+    lock = threading.Lock()
+
+    def report(phase: str, done: int, total: int | None) -> None:
+        with lock:
+            progress(phase, done, total)
+
+    return report
+
+
 class Interrupted(Exception):
     """The work ran out of time (shutdown budget) or was asked to stop."""
 
@@ -107,6 +121,9 @@ class BackupEngine(Protocol):
 
     def put_back(self, paths: list[Path]) -> None:
         """Undo ``set_aside``."""
+
+    def in_use_elsewhere(self) -> str | None:
+        """Why the live database cannot be replaced now (checked before a restore starts)."""
 
     def exclusive(self) -> contextlib.AbstractContextManager[None]:
         """Held while the live database is replaced: refuses when another process uses it."""

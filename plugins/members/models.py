@@ -1,8 +1,9 @@
-"""The bot's tables as they are at the head revision.
+"""The members feature's tables (dbkeeper's example schema) as they are at the head revision.
 
-The migrations in ``migrations/versions`` build this schema step by step; after migrating, the
-live schema is compared with these declarations (Alembic's ``compare_metadata``) and any drift
-is reported. A change here needs a new revision (``alembic revision --autogenerate``).
+The revisions in the top-level ``migrations/versions`` build this schema step by step; after
+migrating, the database plugin compares the live schema with these declarations (Alembic's
+``compare_metadata``) and reports any drift. A change here needs a new revision
+(``alembic revision --autogenerate``).
 """
 
 from __future__ import annotations

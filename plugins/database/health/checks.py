@@ -32,25 +32,27 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-from dbkeeper.health import Outcome, Status, degraded, healthy, in_daemon_thread, unhealthy
-from dbkeeper.texts import MB, duration, megabytes
 from sqlalchemy import Connection
 
-from .errors import describe_error
-from .history import Attempt, MigrationStats
-from .probes import Interrupter, Overview, probe_for
+from dbkeeper.config import HealthSettings
+from dbkeeper.health import Outcome, Status, degraded, healthy, unhealthy
+from dbkeeper.plugin import PluginContext
+from dbkeeper.texts import MB, duration, megabytes
 
-if TYPE_CHECKING:
-    from dbkeeper.host import Host
-
-    from .migrator import MigrationStatus
-    from .plugin import DatabasePlugin
+from ..backup.pipeline import Backups
+from ..migrate.history import Attempt, MigrationStats
+from ..migrate.migrator import MigrationStatus, Migrator
+from ..retry import describe_error
+from ..service import DatabaseService
+from ..settings import BackupSettings
+from ..timeouts import Interrupter, offload
+from .probes import Overview, probe_for
 
 log = logging.getLogger("dbkeeper.database.health")
 T = TypeVar("T")
@@ -66,10 +68,6 @@ class DatabaseStatistics:
     size_bytes: float
 
 
-class StillWaiting(Exception):
-    """The previous run of a check is still waiting for the database."""
-
-
 @dataclass(frozen=True)
 class Scan:
     """The last background ``quick_check`` (large SQLite databases)."""
@@ -80,30 +78,57 @@ class Scan:
 
 
 class DatabaseHealth:
-    def __init__(self, plugin: DatabasePlugin) -> None:
-        self.plugin = plugin
-        self.database = plugin.database
-        self.migrator = plugin.migrator
-        self.settings = plugin.settings.health
-        self.probe = probe_for(plugin.database, self.settings.check_timeout_seconds)
+    """The checks; each asks the leaf parts (service, migrator, backups), never the plugin."""
+
+    def __init__(
+        self,
+        database: DatabaseService,
+        migrator: Migrator,
+        backups: Backups,
+        settings: HealthSettings,
+        backup_settings: BackupSettings,
+        *,
+        background_scans: bool = True,
+    ) -> None:
+        self.database = database
+        self.migrator = migrator
+        self.backups = backups
+        self.settings = settings
+        self.backup_settings = backup_settings
+        self.probe = probe_for(database, settings.check_timeout_seconds)
         self.migration_seconds: dict[str, float] = {}  # revision -> its last upgrade's duration
-        self._waiting: dict[str, float] = {}  # check -> when its blocking work started
         self._scan: Scan | None = None
         self._scan_task: asyncio.Task[None] | None = None
         self._scan_interrupter: Interrupter | None = None
-        self.background_scans = True  # False: report that the scan is left out (the CLI)
+        self.background_scans = background_scans  # False: say the scan is left out (the CLI)
 
-    def register(self, host: Host) -> None:
+    def register(self, context: PluginContext) -> None:
         from .metrics import DatabaseMetrics
 
-        host.health.add("database", self.check_database, readiness=True)
-        host.health.add("database_migrations", self.check_migrations, readiness=True)
-        host.health.add("database_integrity", self.check_integrity)
-        host.health.add("database_size", self.check_size)
-        host.health.add("database_backups", self.check_backups)
-        host.health.add("disk_space", self.check_disk_space)
-        host.health.on_close(self.close)
-        host.metrics.register(DatabaseMetrics(self, host.monitor))
+        reach = "cannot reach the database"
+        context.add_check("database", self.check_database, readiness=True, failing_as=reach)
+        context.add_check(
+            "database_migrations",
+            self.check_migrations,
+            readiness=True,
+            failing_as="cannot read the schema version",
+        )
+        context.add_check(
+            "database_integrity", self.check_integrity, failing_as="cannot check integrity"
+        )
+        context.add_check(
+            "database_size", self.check_size, failing_as="cannot measure the database"
+        )
+        context.add_check(
+            "database_backups", self.check_backups, failing_as="cannot list the backups"
+        )
+        context.add_check(
+            "disk_space",
+            self.check_disk_space,
+            failing_as="cannot measure the free space for backups",
+        )
+        context.on_health_close(self.close)
+        context.add_metrics(DatabaseMetrics(self, lambda: context.last_health_report))
 
     # -- the checks ------------------------------------------------------------------------
 
@@ -160,7 +185,7 @@ class DatabaseHealth:
         return healthy(f"{megabytes(size)} (warning above {warning})", values=values)
 
     async def check_backups(self) -> Outcome:
-        backups = self.plugin.backups
+        backups = self.backups
         try:
             stats = await self._in_thread("database_backups", backups.stats)
         except Exception as error:
@@ -172,7 +197,7 @@ class DatabaseHealth:
             values["last_duration_seconds"] = stats.last_duration_seconds
         message = f"{_plural(stats.count, 'backup')} | {megabytes(stats.total_bytes)}"
         problems = []
-        interval = self.plugin.settings.backup.interval_seconds
+        interval = self.backup_settings.interval_seconds
         now = datetime.now(UTC)
         if stats.newest is None:
             problems.append("no backup yet")
@@ -193,8 +218,8 @@ class DatabaseHealth:
         return healthy(message, values=values)
 
     async def check_disk_space(self) -> Outcome:
-        backups = self.plugin.backups
-        directory = Path(self.plugin.settings.backup.dir)
+        backups = self.backups
+        directory = Path(self.backup_settings.dir)
         try:
             needed, free = await self._in_thread(
                 "disk_space", lambda: (backups.estimate_next_bytes(), _free_bytes(directory))
@@ -303,7 +328,7 @@ class DatabaseHealth:
 
         try:
             async with self.database.gate.enter():  # a restore waits for the scan to end
-                outcome = await in_daemon_thread(scan, "dbkeeper-quick-check")
+                outcome = await offload(scan, interrupter, name="dbkeeper-quick-check")
         except Exception as error:
             if interrupter.fired:
                 return
@@ -315,49 +340,21 @@ class DatabaseHealth:
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _offload(self, name: str, work: Callable[[Connection], T]) -> T:
-        """Run ``work(connection)`` on a fresh probe connection, off the event loop."""
+        """Run ``work(connection)`` on a fresh probe connection, off the event loop, through
+        the work gate (a restore waits for checks in progress); interrupted when the health
+        registry gives up on it (``timeouts``)."""
         interrupter = Interrupter()
 
         def run() -> T:
             with self.probe.connect(interrupter) as connection:
                 return work(connection)
 
-        return await self._guarded(name, self._through_gate(run), interrupter)
-
-    async def _through_gate(self, work: Callable[[], T]) -> T:
-        async with self.database.gate.enter():  # a restore waits for checks in progress
-            return await in_daemon_thread(work)
+        async with self.database.gate.enter():
+            return await offload(run, interrupter, name=f"dbkeeper-check-{name}")
 
     async def _in_thread(self, name: str, work: Callable[[], T]) -> T:
         """Run ``work()`` (files, the backup store) off the event loop."""
-        return await self._guarded(name, in_daemon_thread(work))
-
-    async def _guarded(
-        self, name: str, work: Awaitable[T], interrupter: Interrupter | None = None
-    ) -> T:
-        """Await ``work`` for check ``name``, never twice at a time: while an abandoned run
-        still waits, later runs report that instead of occupying another thread."""
-        since = self._waiting.get(name)
-        if since is not None:
-            _discard(work)
-            raise StillWaiting(
-                f"still waiting for the previous check, started "
-                f"{duration(time.monotonic() - since)} ago"
-            )
-        self._waiting[name] = time.monotonic()
-        task = asyncio.ensure_future(work)
-        task.add_done_callback(lambda done: self._finished(name, done))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if interrupter is not None:
-                interrupter.fire()  # timed out: free the thread (SQLite); PostgreSQL times out
-            raise
-
-    def _finished(self, name: str, task: asyncio.Future[object]) -> None:
-        self._waiting.pop(name, None)
-        if not task.cancelled():
-            task.exception()  # retrieved: an abandoned check's error is not logged as lost
+        return await offload(work, name=f"dbkeeper-check-{name}")
 
     async def close(self) -> None:
         """Stop the background scan (interrupting it) and release the probe's engine."""
@@ -366,14 +363,6 @@ class DatabaseHealth:
                 self._scan_interrupter.fire()
             await asyncio.wait({self._scan_task}, timeout=self.settings.check_timeout_seconds)
         await asyncio.to_thread(self.probe.dispose)
-
-
-def _discard(work: Awaitable[object]) -> None:
-    """Drop work that will not be awaited (a coroutine never started, a future cancelled)."""
-    if isinstance(work, Coroutine):
-        work.close()
-    elif isinstance(work, asyncio.Future):
-        work.cancel()
 
 
 def _plural(count: int, noun: str) -> str:
@@ -389,6 +378,4 @@ def _free_bytes(directory: Path) -> int:
 
 
 def _reason(error: BaseException) -> str:
-    if isinstance(error, StillWaiting):
-        return str(error)
     return describe_error(error, limit=400)

@@ -10,17 +10,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from dbkeeper.health import CheckResult, HealthReport, Status
-from dbkeeper.metrics import PREFIX, gauge
-from dbkeeper.monitor import HealthMonitor
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dbkeeper.health import CheckResult, HealthReport, Status
+from dbkeeper.metrics import PREFIX, gauge
+
 if TYPE_CHECKING:
-    from .health import DatabaseHealth
+    from .checks import DatabaseHealth
 
 # (check, value) -> (metric name, help)
 FROM_CHECKS = {
@@ -70,15 +70,17 @@ FROM_CHECKS = {
 
 
 class DatabaseMetrics(Collector):
-    def __init__(self, health: DatabaseHealth, monitor: HealthMonitor) -> None:
+    def __init__(
+        self, health: DatabaseHealth, last_report: Callable[[], HealthReport | None]
+    ) -> None:
         self.health = health
-        self.monitor = monitor
+        self.last_report = last_report
 
     def describe(self) -> Iterable[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        report = self.monitor.last
+        report = self.last_report()
         if report is None:
             return
         reached = _check(report, "database")

@@ -14,42 +14,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    Boolean,
-    Column,
-    Connection,
-    DateTime,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    func,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import Connection, func, insert, select, update
 
-HISTORY_TABLE = "schema_migrations"
-
-history_metadata = MetaData()
-schema_migrations = Table(
-    HISTORY_TABLE,
-    history_metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("version", String(64), nullable=False, index=True),
-    Column("description", String(255), nullable=False, default=""),
-    Column("direction", String(16), nullable=False),  # upgrade | downgrade | baseline
-    Column("attempt", Integer, nullable=False, default=1),
-    Column("started_at", DateTime(timezone=True), nullable=False),
-    Column("finished_at", DateTime(timezone=True)),
-    Column("execution_ms", Integer),
-    Column("success", Boolean),  # NULL: running, or interrupted if nobody runs it any more
-    Column("error", Text),
-    Column("checksum", String(64)),
-    Column("host", String(255), nullable=False, default=""),
-    Column("pid", Integer, nullable=False, default=0),
-)
+from .bookkeeping import HISTORY_TABLE, bookkeeping_metadata, schema_migrations
 
 
 def utcnow() -> datetime:
@@ -109,7 +76,7 @@ class MigrationHistory:
     table = schema_migrations
 
     def ensure_table(self, connection: Connection) -> None:
-        history_metadata.create_all(connection, checkfirst=True)
+        bookkeeping_metadata.create_all(connection, checkfirst=True)
 
     def exists(self, connection: Connection) -> bool:
         return connection.dialect.has_table(connection, HISTORY_TABLE)

@@ -35,25 +35,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from dbkeeper.config import BackupSettings
 from dbkeeper.plugin import Deadline
 from dbkeeper.texts import size
 
-from .backup_checks import BackupInspector, RevisionSource
-from .backup_engine import (
-    BackupEngine,
-    ContentFacts,
-    Interrupted,
-    Limits,
-    Progress,
-    no_progress,
-)
-from .backup_store import BackupStore, Entry, remove
+from ..errors import BackupError, BackupInProgress, InvalidBackup, describe_error
+from ..locks import acquire
+from ..settings import BackupSettings
 from .compression import (
     SUFFIXES,
     CorruptData,
@@ -64,65 +55,25 @@ from .compression import (
     decompress,
     hash_file,
 )
-from .errors import BackupError, BackupInProgress, InvalidBackup, describe_error
-from .manifest import Manifest, read_manifest
+from .engines.base import (
+    BackupEngine,
+    ContentFacts,
+    Interrupted,
+    Limits,
+    Progress,
+    no_progress,
+    serialized,
+)
+from .inspect import BackupInspector, RevisionSource
+from .manifest import Backup, read_manifest
+from .retention import REASONS, pool_name, to_rotate
+from .store import BackupStore, remove
 
 log = logging.getLogger("dbkeeper.backup")
 
-ROUTINE_REASONS = ("scheduled", "manual", "shutdown")
-SAFETY_REASONS = ("pre-migration", "pre-downgrade", "pre-restore")
-REASONS = ROUTINE_REASONS + SAFETY_REASONS
 # Compression speed assumed until this process has measured its own (bytes per second); only
 # used to decide whether compressing fits in the shutdown budget. Deliberately low.
 ASSUMED_RATES = {"gzip": 20e6, "zstd": 100e6}
-WAIT_POLL_SECONDS = 0.1
-WAIT_REPORT_SECONDS = 30.0
-
-
-@dataclass(frozen=True)
-class BackupInfo:
-    name: str
-    path: Path
-    size_bytes: int
-    created_at: datetime  # UTC, tz-aware: when the snapshot was taken
-    reason: str  # scheduled | manual | pre-migration | pre-downgrade | pre-restore | shutdown
-    compression: str  # gzip | zstd | none (PostgreSQL: custom)
-    sha256: str
-    schema_version: int
-    tables: dict[str, int]
-    duration_seconds: float
-    schema_revision: str | None = None
-    content_bytes: int = 0
-    content_sha256: str = ""
-    engine: str = ""
-    pending_compression: str | None = None
-    phases: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def rows(self) -> int:
-        return sum(self.tables.values())
-
-    @classmethod
-    def of(cls, entry: Entry) -> BackupInfo:
-        m = entry.manifest
-        return cls(
-            name=m.name,
-            path=entry.path,
-            size_bytes=m.size_bytes,
-            created_at=m.created_at,
-            reason=m.reason,
-            compression=m.compression,
-            sha256=m.sha256,
-            schema_version=m.schema_version,
-            tables=dict(m.tables),
-            duration_seconds=m.duration_seconds,
-            schema_revision=m.schema_revision,
-            content_bytes=m.content_bytes,
-            content_sha256=m.content_sha256,
-            engine=m.engine,
-            pending_compression=m.pending_compression,
-            phases=dict(m.phases),
-        )
 
 
 @dataclass(frozen=True)
@@ -136,8 +87,8 @@ class BackupFailure:
 class BackupStats:
     count: int
     total_bytes: int
-    newest: BackupInfo | None
-    oldest: BackupInfo | None
+    newest: Backup | None
+    oldest: Backup | None
     last_failure: BackupFailure | None  # the latest failed attempt, if newer than the last success
     last_success_at: datetime | None
     last_duration_seconds: float | None
@@ -148,18 +99,8 @@ class VerifyResult:
     name: str
     ok: bool
     problem: str | None
-    info: BackupInfo | None
+    info: Backup | None
     seconds: float
-
-
-@dataclass(frozen=True)
-class RestoreReport:
-    name: str
-    schema_version: int  # of the backup
-    safety: BackupInfo | None  # the copy of the database it replaced
-    reopened: Any  # what the plugin's reopen returned (its migration report)
-    duration_seconds: float
-    set_aside: list[Path] = field(default_factory=list)  # a damaged database, kept as it was
 
 
 def _utcnow() -> datetime:
@@ -172,7 +113,7 @@ def _is_no_space(error: BaseException) -> bool:
     return "no space left" in str(error).lower() or "disk is full" in str(error).lower()
 
 
-class BackupManager:
+class Backups:
     """Creates, lists, verifies, rotates and restores the backups of one database."""
 
     def __init__(
@@ -197,9 +138,12 @@ class BackupManager:
         self._last_failure: BackupFailure | None = None
         self._last_success_at: datetime | None = None
         self._last_duration: float | None = None
-        self._restoring: Path | None = None  # never rotated away while it is being restored
+        self.restoring: Path | None = None  # never rotated away while a restore reads it
 
     # -- state --------------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        return self._clock()
 
     @property
     def running(self) -> bool:
@@ -210,15 +154,13 @@ class BackupManager:
     def available(self) -> bool:
         return self.engine.unavailable() is None
 
-    def list(self) -> list[BackupInfo]:
+    def list(self) -> list[Backup]:
         """Complete, verified backups, newest first."""
-        return [BackupInfo.of(entry) for entry in self.store.entries()]
+        return self.store.entries()
 
-    def get(self, name: str) -> BackupInfo | None:
+    def get(self, name: str) -> Backup | None:
         """Backup ``name`` (None when its file has no manifest); ``InvalidBackup`` if none."""
-        path = self.store.resolve(name)
-        manifest = read_manifest(path)
-        return BackupInfo.of(Entry(path, manifest)) if manifest else None
+        return read_manifest(self.store.resolve(name))
 
     def stats(self) -> BackupStats:
         backups = self.list()
@@ -271,7 +213,7 @@ class BackupManager:
         deadline: Deadline | None = None,
         progress: Progress | None = None,
         stop: threading.Event | None = None,
-    ) -> BackupInfo:
+    ) -> Backup:
         """Take, verify and rotate a backup (blocking). Raises ``BackupError`` on failure.
 
         ``wait``: if another backup runs, wait for it (else ``BackupInProgress``).
@@ -280,10 +222,12 @@ class BackupManager:
         if reason not in REASONS:
             raise ValueError(f"unknown backup reason {reason!r} (one of {', '.join(REASONS)})")
         limits = Limits(deadline, (stop,) if stop else ())
-        with self._exclusive(f"{reason} backup", wait=wait, limits=limits):
-            return self._create(reason, limits, self._serialized(progress))
+        with self.exclusive(f"{reason} backup", wait=wait, limits=limits):
+            return self.take(reason, limits, serialized(progress))
 
-    def _create(self, reason: str, limits: Limits, progress: Progress) -> BackupInfo:
+    def take(self, reason: str, limits: Limits, progress: Progress) -> Backup:
+        """Take, verify and rotate a backup while holding ``exclusive`` (a restore's safety
+        copy); ``create`` is the same with the locks taken for it."""
         temporary: list[Path] = []
         try:
             problem = self.engine.unavailable()
@@ -326,7 +270,7 @@ class BackupManager:
         limits: Limits,
         progress: Progress,
         temporary: list[Path],
-    ) -> BackupInfo:
+    ) -> Backup:
         phases: dict[str, float] = {}
         raw = self.store.temp(stem + self.engine.raw_suffix)
         temporary.append(raw)
@@ -346,7 +290,7 @@ class BackupManager:
         facts, content, file = self._check_and_pack(raw, packed, codec, progress, limits, phases)
         facts = self._merge(early, facts)
         name = stem + self.engine.raw_suffix + (SUFFIXES[codec] if packed else "")
-        manifest = Manifest(
+        record = Backup(
             name=name,
             created_at=created_at,
             reason=reason,
@@ -365,10 +309,9 @@ class BackupManager:
             source=self.engine.source(),
             tool=self.engine.tool(),
         )
-        path = self.store.commit(packed or raw, name, manifest)
+        info = self.store.commit(packed or raw, record)
         if packed is not None:
             remove(raw)
-        info = BackupInfo.of(Entry(path, manifest))
         self._log_created(info)
         return info
 
@@ -451,14 +394,14 @@ class BackupManager:
 
     # -- deferred compression -----------------------------------------------------------------
 
-    def compress_pending(self, *, stop: threading.Event | None = None) -> list[BackupInfo]:
+    def compress_pending(self, *, stop: threading.Event | None = None) -> list[Backup]:
         """Compress backups kept raw at shutdown (the next start calls this in the background)."""
         limits = Limits(None, (stop,) if stop else ())
-        done: list[BackupInfo] = []
+        done: list[Backup] = []
         pending = [b for b in self.list() if b.pending_compression]
         if not pending:
             return done
-        with self._exclusive("deferred compression", wait=False, limits=limits):
+        with self.exclusive("deferred compression", wait=False, limits=limits):
             for backup in pending:
                 if limits.stopped():
                     break
@@ -468,8 +411,8 @@ class BackupManager:
         return done
 
     def _compress_deferred(
-        self, backup: BackupInfo, limits: Limits, progress: Progress
-    ) -> BackupInfo | None:
+        self, backup: Backup, limits: Limits, progress: Progress
+    ) -> Backup | None:
         """Replace a raw backup by its compressed form; on interruption it stays raw."""
         codec = backup.pending_compression
         assert codec is not None
@@ -500,12 +443,10 @@ class BackupManager:
             _, read_content = decompress(packed, codec, check=limits.check)
             if content.sha256 != backup.content_sha256 or read_content != content:
                 raise BackupError(f"{backup.name} did not read back as itself after compression")
-            manifest = read_manifest(backup.path)
-            assert manifest is not None
             elapsed = time.monotonic() - started
-            phases = {**manifest.phases, "compress (deferred)": round(elapsed, 3)}
+            phases = {**backup.phases, "compress (deferred)": round(elapsed, 3)}
             updated = replace(
-                manifest,
+                backup,
                 name=name,
                 compression=codec,
                 size_bytes=file.bytes,
@@ -513,7 +454,7 @@ class BackupManager:
                 pending_compression=None,
                 phases=phases,
             )
-            path = self.store.commit(packed, name, updated)
+            info = self.store.commit(packed, updated)
             self.store.delete(backup.path)
         except Interrupted as why:
             remove(packed)
@@ -524,7 +465,6 @@ class BackupManager:
             log.warning("compressing %s failed (%s); it stays uncompressed", backup.name, error)
             return None
         self._rates[codec] = backup.content_bytes / max(time.monotonic() - started, 1e-6)
-        info = BackupInfo.of(Entry(path, updated))
         log.info(
             "compressed %s -> %s: %s -> %s in %.1fs",
             backup.name,
@@ -537,24 +477,20 @@ class BackupManager:
 
     # -- rotation -----------------------------------------------------------------------------
 
-    def _rotate(self, new: BackupInfo) -> None:
-        pool = ROUTINE_REASONS if new.reason in ROUTINE_REASONS else SAFETY_REASONS
-        kind = "routine backups" if pool is ROUTINE_REASONS else "safety copies"
-        same = [entry for entry in self.store.entries() if entry.manifest.reason in pool]
-        for entry in same[self.settings.keep :]:
-            if entry.path == self._restoring:
-                continue  # a restore reads it right now; the next rotation takes it
+    def _rotate(self, new: Backup) -> None:
+        protected = [self.restoring] if self.restoring is not None else []
+        for old in to_rotate(self.store.entries(), new.reason, self.settings.keep, protected):
             try:
-                self.store.delete(entry.path)
+                self.store.delete(old.path)
             except OSError as error:
-                log.warning("could not delete %s during rotation: %s", entry.path.name, error)
+                log.warning("could not delete %s during rotation: %s", old.name, error)
                 continue
             log.info(
                 "rotated out %s (%s); keeping the newest %d %s",
-                entry.path.name,
-                entry.manifest.reason,
+                old.name,
+                old.reason,
                 self.settings.keep,
-                kind,
+                pool_name(new.reason),
             )
 
     # -- verifying ----------------------------------------------------------------------------
@@ -563,11 +499,11 @@ class BackupManager:
         self, name: str | None = None, *, progress: Progress | None = None
     ) -> list[VerifyResult]:
         """Re-check one backup (or all): checksum, full decompression, engine check, manifest."""
-        progress = self._serialized(progress)
+        progress = serialized(progress)
         limits = Limits()
         if name is not None:
             self.store.resolve(name)  # a bad name fails before waiting for anything
-        with self._exclusive("verification", wait=True, limits=limits):
+        with self.exclusive("verification", wait=True, limits=limits):
             if name is not None:
                 paths = [self.store.resolve(name)]
             else:
@@ -577,7 +513,7 @@ class BackupManager:
     def _verify_one(self, path: Path, progress: Progress, limits: Limits) -> VerifyResult:
         started = time.monotonic()
         manifest = read_manifest(path)
-        info = BackupInfo.of(Entry(path, manifest)) if manifest else None
+        info = manifest
         scratch = self.store.temp("verify-" + path.name)
         compressed = codec_for_suffix(path.name) != "none"
         try:
@@ -598,99 +534,6 @@ class BackupManager:
         log.info("verified %s in %.2fs", path.name, time.monotonic() - started)
         return VerifyResult(path.name, True, None, info, time.monotonic() - started)
 
-    # -- restoring ----------------------------------------------------------------------------
-
-    def restore(
-        self,
-        name: str,
-        *,
-        release: Callable[[], None],
-        reopen: Callable[[], Any],
-        pause: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
-        progress: Progress | None = None,
-    ) -> RestoreReport:
-        """Replace the live database with backup ``name`` after proving it sound.
-
-        Nothing touches the live database until the backup passed every check. Then, with the
-        bot's database work paused: a safety backup of the current database, ``release``
-        (close every connection), the swap, ``reopen`` (connect, migrate forward).
-        """
-        started = time.monotonic()
-        progress = self._serialized(progress)
-        path = self.store.resolve(name)
-        limits = Limits()
-        unchanged = "The live database was not touched."
-        with self._exclusive("restore", wait=False, limits=limits), contextlib.ExitStack() as stack:
-            problem = self.engine.unavailable()
-            if problem:
-                raise BackupError(f"cannot restore: {problem}")
-            manifest = read_manifest(path)
-            staging = self.engine.staging()
-            if staging is not None:
-                stack.callback(remove, staging)
-            try:
-                raw, facts = self.inspector.inspect(path, manifest, staging, progress, limits)
-            except InvalidBackup as error:
-                text = str(error)
-                text = text[len(name) :].strip() if text.startswith(name) else text
-                raise InvalidBackup(f"cannot restore {name}: it {text}. {unchanged}") from None
-            if manifest is None:
-                log.warning("%s has no manifest: restoring on its own checks alone", name)
-            stack.enter_context(self.engine.exclusive())
-            stack.enter_context(pause())
-            safety, damaged = None, False
-            if self.engine.live_exists():
-                self._restoring = path
-                stack.callback(setattr, self, "_restoring", None)
-                try:
-                    safety = self._create("pre-restore", limits, progress)
-                except BackupError as error:
-                    damaged = isinstance(error.__cause__, InvalidBackup)
-                    if not (damaged and self.engine.can_set_aside):
-                        raise BackupError(
-                            f"restore stopped before touching the live database: the safety "
-                            f"backup of it failed ({error}). Nothing was changed."
-                        ) from error
-            release()
-            set_aside: list[Path] = []
-            try:
-                if damaged:  # it cannot be backed up: keep its very bytes instead
-                    set_aside = self.engine.set_aside(f"damaged-{self.store.stem(self._clock())}")
-                    log.warning(
-                        "the live database fails its integrity check, so no verified safety "
-                        "backup of it can exist; it is kept as it was: %s",
-                        ", ".join(str(path) for path in set_aside),
-                    )
-                self.engine.replace_live(raw)
-            except BaseException as error:
-                with contextlib.suppress(Exception):
-                    self.engine.put_back(set_aside)
-                    reopen()
-                raise BackupError(
-                    f"restoring {name} failed while replacing the database: {error}. The live "
-                    "database is as it was."
-                ) from error
-            progress("restore", 1, 1)
-            try:
-                reopened = reopen()
-            except Exception as error:
-                kept = f"is kept as {safety.name}" if safety else "did not exist"
-                raise BackupError(
-                    f"restored {name}, but opening it afterwards failed: {error}. The previous "
-                    f"database {kept}; `dbkeeper backup restore {safety.name if safety else name}`"
-                    " puts it back."
-                ) from error
-        elapsed = time.monotonic() - started
-        version = self._version(facts.revision)
-        log.info(
-            "restored %s (schema v%d)%s in %.1fs",
-            name,
-            version,
-            f"; the previous database is saved as {safety.name}" if safety else "",
-            elapsed,
-        )
-        return RestoreReport(name, version, safety, reopened, round(elapsed, 3), set_aside)
-
     # -- housekeeping -------------------------------------------------------------------------
 
     def cleanup(self) -> list[Path]:
@@ -698,7 +541,7 @@ class BackupManager:
         if not self.store.directory.is_dir() and not self.engine.leftovers():
             return []
         try:
-            with self._exclusive("cleanup", wait=False, limits=Limits()):
+            with self.exclusive("cleanup", wait=False, limits=Limits()):
                 found = self.store.leftovers() + self.engine.leftovers()
                 for path in found:
                     remove(path)
@@ -716,12 +559,27 @@ class BackupManager:
     # -- plumbing -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _exclusive(self, what: str, *, wait: bool, limits: Limits) -> Iterator[None]:
-        """One backup/restore at a time: in this process, then across processes."""
+    def exclusive(self, what: str, *, wait: bool, limits: Limits) -> Iterator[None]:
+        """One backup/restore at a time: in this process, then across processes.
+
+        Whatever fails on the way (a full disk while taking the lock, a stop request) releases
+        what was taken; the next request finds both locks free.
+        """
+
+        def gave_up(why: str) -> BackupError:
+            return BackupError(f"the {what} {why}")
+
         if not self._lock.acquire(blocking=False):
             if not wait:
                 raise BackupInProgress(self._busy_text())
-            self._wait_for(lambda: self._lock.acquire(blocking=False), what, limits)
+            acquire(
+                lambda: self._lock.acquire(blocking=False),
+                holder=self._busy_text,
+                timeout=None,
+                on_wait=lambda holder: log.info("the %s waits for %s", what, holder),
+                gave_up=gave_up,
+                stopped=limits.stopped,
+            )
         try:
             file_lock = self.store.lock()
             if not file_lock.try_acquire():
@@ -730,7 +588,14 @@ class BackupManager:
                         f"another process is taking a backup or restoring in {self.store.directory}"
                         f" ({file_lock.holder()}); try again when it is done"
                     )
-                self._wait_for(file_lock.try_acquire, what, limits, file_lock.holder)
+                acquire(
+                    file_lock.try_acquire,
+                    holder=file_lock.holder,
+                    timeout=None,
+                    on_wait=lambda holder: log.info("the %s waits for %s", what, holder),
+                    gave_up=gave_up,
+                    stopped=limits.stopped,
+                )
             try:
                 self._current = (what, time.monotonic())
                 yield
@@ -740,42 +605,11 @@ class BackupManager:
         finally:
             self._lock.release()
 
-    def _wait_for(
-        self,
-        attempt: Callable[[], bool],
-        what: str,
-        limits: Limits,
-        holder: Callable[[], str] | None = None,
-    ) -> None:
-        next_report = time.monotonic()
-        while not attempt():
-            if limits.stopped():
-                raise BackupError(
-                    f"the {what} {limits.stopped()} while waiting for "
-                    f"{holder() if holder else self._busy_text()}"
-                )
-            if time.monotonic() >= next_report:
-                log.info("the %s waits for %s", what, holder() if holder else self._busy_text())
-                next_report = time.monotonic() + WAIT_REPORT_SECONDS
-            time.sleep(WAIT_POLL_SECONDS)
-
     def _busy_text(self) -> str:
         current = self._current
         if current is None:
             return "a backup is already running"
         return f"a {current[0]} is already running (for {time.monotonic() - current[1]:.0f}s)"
-
-    @staticmethod
-    def _serialized(progress: Progress | None) -> Progress:
-        if progress is None:
-            return no_progress
-        lock = threading.Lock()
-
-        def report(phase: str, done: int, total: int | None) -> None:
-            with lock:
-                progress(phase, done, total)
-
-        return report
 
     def _codec(self, content_bytes: int) -> str:
         if not self.engine.compressible or content_bytes < self.settings.compress_min_bytes:
@@ -786,12 +620,7 @@ class BackupManager:
         return self._rates.get(codec, ASSUMED_RATES[codec])
 
     def _version(self, revision: str | None) -> int:
-        if revision is None:
-            return 0
-        for known in self.schema.revisions():
-            if known.id == revision:
-                return int(known.version)
-        return int(revision) if revision.isdigit() else 0
+        return int(self.schema.version_of(revision))
 
     @staticmethod
     def _merge(early: ContentFacts | None, checked: ContentFacts) -> ContentFacts:
@@ -801,7 +630,7 @@ class BackupManager:
         tables.update({k: v for k, v in early.tables.items() if k not in tables})
         return ContentFacts(early.revision or checked.revision, tables)
 
-    def _current_info(self, info: BackupInfo) -> BackupInfo:
+    def _current_info(self, info: Backup) -> Backup:
         """The backup as it is now (deferred compression may have renamed it)."""
         stem = info.name.split(".", 1)[0]
         for backup in self.list():
@@ -842,7 +671,7 @@ class BackupManager:
         self.store.record_failure(at, reason, message)
         log.error("%s", message)
 
-    def _log_created(self, info: BackupInfo) -> None:
+    def _log_created(self, info: Backup) -> None:
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in info.phases.items())
         if info.compression in ("gzip", "zstd"):
             packed = f"{size(info.size_bytes)} from {size(info.content_bytes)} ({info.compression})"

@@ -11,8 +11,11 @@ from datetime import datetime
 from typing import Any
 
 import click
+
 from dbkeeper.cli.context import EXIT_ERROR, CliContext, fails_plainly
 from dbkeeper.texts import size
+
+from .db import operations
 
 LABELS = {
     "snapshot": "copying the database",
@@ -107,10 +110,10 @@ def backup() -> None:
 @fails_plainly
 def create(obj: CliContext) -> None:
     """Take a verified backup now (reason: manual)."""
-    plugin = obj.database_plugin()
+    ops = operations(obj, existing=True)
     progress = ProgressReport()
     try:
-        info = plugin.backups.create("manual", progress=progress)
+        info = ops.backups.create("manual", progress=progress)
     finally:
         progress.close()
     click.echo(f"created {describe(info)}")
@@ -122,7 +125,7 @@ def create(obj: CliContext) -> None:
 @fails_plainly
 def list_backups(obj: CliContext) -> None:
     """Complete, verified backups, newest first, and their totals."""
-    manager = obj.database_plugin().backups
+    manager = operations(obj).backups
     backups = manager.list()
     stats = manager.stats()
     if backups:
@@ -154,7 +157,7 @@ def list_backups(obj: CliContext) -> None:
 @fails_plainly
 def verify(obj: CliContext, name: str | None) -> None:
     """Check NAME (default: every backup): checksum, full read, integrity, manifest."""
-    manager = obj.database_plugin().backups
+    manager = operations(obj).backups
     progress = ProgressReport()
     try:
         results = manager.verify(name, progress=progress)
@@ -181,21 +184,21 @@ def verify(obj: CliContext, name: str | None) -> None:
 @fails_plainly
 def restore(obj: CliContext, name: str, yes: bool) -> None:
     """Replace the database with backup NAME (a safety backup of it is taken first)."""
-    plugin = obj.database_plugin()
-    info = plugin.backups.get(name)  # a bad or unknown name fails before the question
+    ops = operations(obj)
+    info = ops.backups.get(name)  # a bad or unknown name fails before the question
     if not yes:
         what = describe(info) if info else f"{name} (no manifest)"
         click.confirm(
-            f"Replace the database {plugin.database.display_url} with {what}? A safety backup "
+            f"Replace the database {ops.database.display_url} with {what}? A safety backup "
             "of the current database is taken first",
             abort=True,
         )
     progress = ProgressReport()
     try:
-        report = plugin.restore_backup(name, progress=progress)
+        report = ops.restore(name, progress=progress)
     finally:
         progress.close()
-        plugin.close()
+        ops.close()
     click.echo(f"restored {report.name} (schema v{report.schema_version})")
     migration = report.reopened
     if migration is not None and migration.steps:

@@ -29,7 +29,6 @@ snapshot keeps the checkpoint from completing, the backup API copies instead.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import secrets
@@ -38,9 +37,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
-from .backup_engine import ContentFacts, Interrupted, Limits, Progress
-from .backup_store import TEMP_PREFIX, fsync_directory, remove
-from .errors import BackupError, InvalidBackup
+from ...errors import BackupError, InvalidBackup
+from ...locks import FileLock, in_use_lock
+from ..store import TEMP_PREFIX, fsync_directory, remove
+from .base import ContentFacts, Interrupted, Limits, Progress
 
 log = logging.getLogger("dbkeeper.backup")
 STEP_BYTES = 16 << 20
@@ -67,7 +67,7 @@ class SqliteBackupEngine:
     def __init__(self, file: Path | None, *, busy_timeout_ms: int = 5000) -> None:
         self.file = file
         self.busy_timeout = busy_timeout_ms / 1000
-        self._held: int | None = None
+        self._held: FileLock | None = None
 
     # -- the live database --------------------------------------------------------------------
 
@@ -331,26 +331,45 @@ class SqliteBackupEngine:
 
     # -- who uses the live database -----------------------------------------------------------
 
-    def _lock_path(self) -> Path:
-        return self._side(".inuse.lock")
-
     def hold(self) -> None:
         """A shared lock for as long as the bot runs: restores from other processes refuse."""
         if self.file is None or self._held is not None:
             return
-        fd = os.open(self._lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        lock = in_use_lock(self.file)
+        if not lock.try_acquire(shared=True):
             log.warning("another process is restoring %s right now", self.file)
             return
-        self._held = fd
+        self._held = lock
 
     def release(self) -> None:
         if self._held is not None:
-            fd, self._held = self._held, None
-            os.close(fd)
+            lock, self._held = self._held, None
+            lock.release()
+
+    def in_use_elsewhere(self) -> str | None:
+        """Why the live file cannot be replaced now (another process runs a bot on it), asked
+        before a restore does anything; None when it can. Creates nothing."""
+        if self.file is None:
+            return None
+        if self._held is not None:
+            if not self._held.upgrade():
+                return self._in_use_text()
+            self._held.downgrade()
+            return None
+        lock = in_use_lock(self.file)
+        if not lock.path.exists():
+            return None
+        if not lock.try_acquire():
+            return self._in_use_text()
+        lock.release()
+        return None
+
+    def _in_use_text(self) -> str:
+        return (
+            f"the database {self.file} is in use by a running bot (another process): "
+            "replacing its file under it would lose what it writes next. Stop the bot "
+            "and restore again, or restore from the running bot. Nothing was changed."
+        )
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -359,22 +378,19 @@ class SqliteBackupEngine:
             yield
             return
         own = self._held
-        fd = own if own is not None else os.open(self._lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+        lock = own if own is not None else in_use_lock(self.file)
+        acquired = lock.upgrade() if own is not None else lock.try_acquire()
+        if not acquired:
+            if own is None:
+                lock.release()
+            raise BackupError(self._in_use_text())
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise BackupError(
-                    f"the database {self.file} is in use by a running bot (another process): "
-                    "replacing its file under it would lose what it writes next. Stop the bot "
-                    "and restore again, or restore from the running bot. Nothing was changed."
-                ) from None
             yield
         finally:
             if own is not None:
-                fcntl.flock(fd, fcntl.LOCK_SH)
+                lock.downgrade()
             else:
-                os.close(fd)
+                lock.release()
 
 
 def _sqlite_failure(error: sqlite3.Error, doing: str) -> BackupError:

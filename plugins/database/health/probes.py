@@ -17,7 +17,6 @@ module decides when it runs.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sqlite3
 import threading
@@ -25,50 +24,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from dbkeeper.health import Outcome, degraded, healthy, unhealthy
-from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.pool import NullPool
 
-from .migrator import BOOKKEEPING_TABLES
-from .service import DatabaseService
+from ..engines import create_database_engine
+from ..migrate.bookkeeping import BOOKKEEPING_TABLES
+from ..service import DatabaseService
+from ..timeouts import Interrupter
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 CONNECTIONS_WARNING_RATIO = 0.9
 IDLE_IN_TRANSACTION_WARNING = "5 minutes"
-
-
-class Interrupted(Exception):
-    """The check was given up on before its statement started."""
-
-
-class Interrupter:
-    """Lets the event loop abort a statement running on a worker thread (SQLite only)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._abort: Callable[[], None] | None = None
-        self.fired = False
-
-    def arm(self, abort: Callable[[], None] | None) -> None:
-        with self._lock:
-            if self.fired:
-                raise Interrupted("given up before it started")
-            self._abort = abort
-
-    def disarm(self) -> None:
-        with self._lock:
-            self._abort = None
-
-    def fire(self) -> None:
-        with self._lock:
-            self.fired = True
-            abort = self._abort
-        if abort is not None:
-            abort()
 
 
 @dataclass(frozen=True)
@@ -88,7 +57,6 @@ class Probe:
     """The dialect-specific questions; the health checks ask them on a fresh connection."""
 
     scans_pages = False  # True when ``integrity(scan=True)`` reads the whole database
-    owns_engine = True  # False when it borrows the service's (in-memory SQLite)
 
     def __init__(self, database: DatabaseService, timeout: float) -> None:
         self.database = database
@@ -112,12 +80,12 @@ class Probe:
 
     def dispose(self) -> None:
         with self._engine_lock:
-            if self._engine is not None and self.owns_engine:
+            if self._engine is not None:
                 self._engine.dispose()
             self._engine = None
 
     def _create_engine(self) -> Engine:
-        raise NotImplementedError
+        return create_database_engine(self.database.settings, "probe", timeout=self.timeout)
 
     def _abort(self, connection: Connection) -> Callable[[], None] | None:
         """What aborts this connection's running statement from another thread, if anything."""
@@ -136,29 +104,6 @@ class Probe:
 
 class SQLiteProbe(Probe):
     scans_pages = True
-
-    def _create_engine(self) -> Engine:
-        file = self.database.file
-        if file is None:  # in memory: only the service's own connections see that database
-            self.owns_engine = False
-            return self.database.engine
-        # mode=rw: a check never creates a database that is not there.
-        engine = create_engine(
-            "sqlite://",
-            poolclass=NullPool,
-            creator=lambda: sqlite3.connect(
-                f"file:{quote(str(file.absolute()))}?mode=rw", uri=True, check_same_thread=False
-            ),
-        )
-        busy_ms = int(min(self.database.settings.busy_timeout_ms, self.timeout * 1000))
-
-        @event.listens_for(engine, "connect")
-        def _configure(dbapi_connection: Any, _record: Any) -> None:
-            dbapi_connection.isolation_level = None  # autocommit: no transaction held open
-            dbapi_connection.execute(f"PRAGMA busy_timeout = {busy_ms}")
-            dbapi_connection.execute("PRAGMA query_only = ON")  # checks never write
-
-        return engine
 
     def _abort(self, connection: Connection) -> Callable[[], None] | None:
         return connection.connection.driver_connection.interrupt  # type: ignore[no-any-return]
@@ -255,24 +200,6 @@ class SQLiteProbe(Probe):
 
 
 class PostgreSQLProbe(Probe):
-    def _create_engine(self) -> Engine:
-        settings = self.database.settings
-        # libpq: integer seconds, at least 2.
-        connect = max(2, math.ceil(min(settings.connect_timeout_seconds, self.timeout)))
-        statement_ms = max(1, int(self.timeout * 1000))
-        return create_engine(
-            self.database.url,
-            poolclass=NullPool,
-            connect_args={
-                "connect_timeout": connect,
-                "application_name": f"dbkeeper-health pid {os.getpid()}",
-                "options": (
-                    f"-c statement_timeout={statement_ms} -c lock_timeout={statement_ms} "
-                    "-c default_transaction_read_only=on"
-                ),
-            },
-        )
-
     def overview(self, connection: Connection) -> Overview:
         rows = connection.exec_driver_sql(
             "SELECT c.relname, CASE WHEN s.n_live_tup > 0 OR c.reltuples < 0 "

@@ -1,0 +1,196 @@
+"""``dbkeeper db ...``: schema version, migrating, history, downgrading, adopting.
+
+Thin: each verb parses, calls ``Operations``, and prints. Read-only verbs (``status``,
+``history``) never create a database; they say there is none yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from datetime import datetime
+
+import click
+
+from dbkeeper.cli.context import CliContext, fails_plainly
+
+from ..operations import Operations
+
+
+def operations(obj: CliContext, *, existing: bool = False) -> Operations:
+    """The plugin's operations for this configuration; ``existing``: a read-only command,
+    which needs a database that is already there."""
+    ops = Operations(obj.settings)
+    if existing and not ops.database.exists():
+        ops.database.connect(create=False)  # raises DatabaseMissing, with what to do
+    return ops
+
+
+@contextlib.contextmanager
+def interruptible(ops: Operations) -> Iterator[None]:
+    """SIGINT/SIGTERM interrupt a running revision (rolled back, recorded as interrupted)."""
+
+    def handler(signum: int, _frame: object) -> None:
+        ops.migrator.interrupt(f"received {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@click.group()
+def db() -> None:
+    """Inspect and change the database schema."""
+
+
+@db.command()
+@click.pass_obj
+@fails_plainly
+def status(obj: CliContext) -> None:
+    """Schema version, pending revisions and migration statistics (creates nothing)."""
+    ops = operations(obj)
+    exists = ops.database.exists()
+    try:
+        state = ops.migrator.status() if exists else None
+        stats = ops.migrator.stats() if exists else None
+    finally:
+        ops.close()
+    missing = "" if exists else " (no database yet: `dbkeeper db migrate` creates it)"
+    click.echo(f"database:  {ops.database.display_url}{missing}")
+    click.echo(f"revisions: {ops.revisions.location}")
+    pending = list(state.pending) if state else ops.revisions.all()
+    current = _named(state.current_version, state.current) if state and state.current else None
+    head = ops.revisions.head()
+    head_text = _named(head.version, head.id) if head else "none"
+    click.echo(f"schema:    {current or 'v0 (empty)'}; head {head_text}")
+    click.echo(f"pending:   {len(pending)}")
+    width = max((len(revision.id) for revision in pending), default=0)
+    for revision in pending:
+        described = f" ({revision.description})" if revision.description else ""
+        click.echo(f"  - {revision.id:<{width}}{described}")
+    if stats is None:
+        click.echo("history:   none")
+        return
+    last = _when(stats.last_applied_at) if stats.last_applied_at else "never"
+    click.echo(
+        f"history:   {stats.applied} applied, {stats.failed} failed, last applied {last}, "
+        f"{stats.total_ms} ms in total"
+    )
+
+
+def _named(version: int, revision: str | None) -> str:
+    """``v3 (0003)``; ``v2 (ae1027a6acf)``: the version, and the id it stands for."""
+    return f"v{version} ({revision})"
+
+
+@db.command()
+@click.option("--to", "target", default="head", show_default=True, help="Revision to stop at.")
+@click.pass_obj
+@fails_plainly
+def migrate(obj: CliContext, target: str) -> None:
+    """Apply pending revisions, one transaction each (SIGINT/SIGTERM roll the running one back)."""
+    ops = operations(obj)
+    ops.database.connect()
+    try:
+        with interruptible(ops):
+            report = ops.migrate(target)
+        ops.validate()
+    finally:
+        ops.close()
+    if report.steps:
+        click.echo(
+            f"migrated v{report.from_version} -> v{report.to_version}: "
+            f"{len(report.steps)} revision(s) in {report.total_ms} ms"
+        )
+    else:
+        click.echo(f"nothing to apply; schema is at v{report.to_version}")
+
+
+@db.command()
+@click.option("--limit", default=50, show_default=True, help="Newest attempts to show (0: all).")
+@click.pass_obj
+@fails_plainly
+def history(obj: CliContext, limit: int) -> None:
+    """Every attempt to apply, revert or adopt a revision, oldest first."""
+    ops = operations(obj, existing=True)
+    try:
+        attempts = list(reversed(ops.migrator.attempts(limit or None)))
+    finally:
+        ops.close()
+    if not attempts:
+        click.echo("no migration history yet")
+        return
+    width = max(8, *(len(a.version) for a in attempts))
+    click.echo(
+        f"{'#':>4}  {'version':<{width}} {'direction':<9} {'try':>3}  {'started (UTC)':<19}  "
+        f"{'ms':>7}  {'result':<7} {'by':<20} description / error"
+    )
+    for a in attempts:
+        detail = a.error if a.error else a.description
+        click.echo(
+            f"{a.id:>4}  {a.version:<{width}} {a.direction:<9} {a.attempt:>3}  "
+            f"{a.started_at:%Y-%m-%d %H:%M:%S}  {_ms(a.execution_ms):>7}  {a.status:<7} "
+            f"{(a.host + ':' + str(a.pid))[:20]:<20} {detail}"
+        )
+
+
+@db.command(context_settings={"ignore_unknown_options": True})
+@click.argument("revision")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+@fails_plainly
+def downgrade(obj: CliContext, revision: str, yes: bool) -> None:
+    """Revert revisions down to REVISION (e.g. 0002, 2, -1, base)."""
+    ops = operations(obj, existing=True)
+    ops.database.connect(create=False)
+    try:
+        state = ops.migrator.status()
+        if not yes:
+            click.confirm(
+                f"Revert {ops.database.display_url} from {state.current_name} down to "
+                f"{revision}? Reverting can drop tables and columns with their data",
+                abort=True,
+            )
+        with interruptible(ops):
+            report = ops.downgrade(revision)
+    finally:
+        ops.close()
+    if report.steps:
+        click.echo(
+            f"reverted v{report.from_version} -> v{report.to_version}: "
+            f"{len(report.steps)} revision(s) in {report.total_ms} ms"
+        )
+    else:
+        click.echo(f"nothing to revert; schema is at v{report.to_version}")
+    if ops.last_safety_backup is not None:
+        name = ops.last_safety_backup.name
+        click.echo(f"backup taken before: {name} (`dbkeeper backup restore {name}` undoes this)")
+
+
+@db.command()
+@click.argument("revision")
+@click.pass_obj
+@fails_plainly
+def baseline(obj: CliContext, revision: str) -> None:
+    """Adopt a database created before dbkeeper: record it as being at REVISION."""
+    ops = operations(obj, existing=True)
+    try:
+        adopted = ops.baseline(revision)
+        report = ops.migrator.validate()
+    finally:
+        ops.close()
+    click.echo(f"adopted at {adopted.name} ({adopted.label})")
+    for line in report.problems():
+        click.echo(f"warning: {line}", err=True)
+
+
+def _when(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _ms(value: int | None) -> str:
+    return "-" if value is None else str(value)

@@ -1,0 +1,308 @@
+"""What the database plugin does, as linear procedures over its parts. Blocking.
+
+The chat commands, the command line and the running plugin all call these; the parts they use
+(the service, the migrator, the backups) never call back up. Each procedure reads in the order
+it runs:
+
+``open``       connect -> migrate (or refuse when revisions are pending and auto_upgrade is
+               off) -> validate
+``migrate``    lock -> safety backup (pre-migration) -> apply -> report (``validate`` apart)
+``downgrade``  lock -> safety backup (pre-downgrade) -> revert
+``restore``    in use elsewhere? -> verify -> pause -> safety copy -> swap -> reopen -> migrate
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import MetaData
+
+from dbkeeper.config import Settings
+
+from .backup.engines.base import BackupEngine, Limits, Progress, serialized
+from .backup.engines.postgres import PostgresBackupEngine
+from .backup.engines.sqlite import SqliteBackupEngine
+from .backup.manifest import Backup
+from .backup.pipeline import Backups
+from .backup.restore import RestoreReport, keep_current, prepare, swap
+from .errors import BackupError, DatabaseError, MigrationError
+from .migrate.migrator import MigrationReport, Migrator
+from .migrate.revisions import Revision, Revisions, resolve_location
+from .migrate.validation import ValidationReport, merged_metadata
+from .service import DatabaseService
+from .settings import BackupSettings, DatabaseSettings, MigrationSettings
+
+log = logging.getLogger("dbkeeper.database")
+Pause = Callable[[], contextlib.AbstractContextManager[None]]
+
+
+def load_metadata(reference: str) -> MetaData:
+    """``package.module:attribute`` -> the SQLAlchemy ``MetaData`` it names."""
+    module_name, _, attribute = reference.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except Exception as error:
+        raise MigrationError(
+            f"[migrations] metadata = {reference!r} cannot be loaded: "
+            f"{type(error).__name__}: {error}. It is imported from the configuration's "
+            "directory; name a module:attribute that holds a SQLAlchemy MetaData."
+        ) from None
+    if not isinstance(target, MetaData):
+        raise MigrationError(
+            f"[migrations] metadata = {reference!r} is a {type(target).__name__}, not a "
+            "SQLAlchemy MetaData (for declarative models: 'module:Base.metadata')"
+        )
+    return target
+
+
+def backup_engine(database: DatabaseSettings, backup: BackupSettings) -> BackupEngine:
+    from .engines import database_url, sqlite_file
+
+    file = sqlite_file(database_url(database))
+    if file is None:
+        return PostgresBackupEngine(database, bin_dir=backup.pg_bin_dir)
+    return SqliteBackupEngine(file, busy_timeout_ms=database.busy_timeout_ms)
+
+
+class Operations:
+    """The database, its schema and its backups, for one configuration."""
+
+    def __init__(self, settings: Settings, *, metadata: MetaData | None = None) -> None:
+        self.settings = settings
+        database = settings.section(DatabaseSettings)
+        self.migration_settings = settings.section(MigrationSettings)
+        self.backup_settings = settings.section(BackupSettings)
+        self.database = DatabaseService(database)
+        self.revisions = Revisions(resolve_location(self.migration_settings.script_location))
+        if metadata is None and self.migration_settings.metadata:
+            metadata = load_metadata(self.migration_settings.metadata)
+        if metadata is None:
+            metadata = merged_metadata(
+                [cls.metadata for cls in settings.plugins if cls.metadata is not None]
+            )
+        self.metadata = metadata
+        self.migrator = Migrator(
+            database, self.migration_settings, self.revisions, metadata=metadata
+        )
+        self.backups = Backups(
+            self.backup_settings, backup_engine(database, self.backup_settings), self.revisions
+        )
+        self.last_migration: MigrationReport | None = None
+        self.last_validation: ValidationReport | None = None
+        self.last_safety_backup: Backup | None = None
+
+    # -- opening and closing ------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect, bring the schema to head (if ``auto_upgrade``), and validate it."""
+        self.clean_leftovers()
+        self.database.connect()
+        if not self.revisions.managed:
+            log.info("[migrations] script_location is none: dbkeeper leaves the schema alone")
+            return
+        if self.migration_settings.auto_upgrade:
+            self.last_migration = self.migrate()
+        else:
+            status = self.migrator.status()  # refuses a schema newer than the code
+            if status.pending:
+                count = len(status.pending)
+                raise MigrationError(
+                    f"{count} revision{'s' if count > 1 else ''} pending ({status.current_name} "
+                    f"-> {status.pending[-1].name}) and [migrations] auto_upgrade is off: run "
+                    "`dbkeeper db migrate` to apply them, then start again"
+                )
+        self.last_validation = self.validate()
+
+    def flush(self) -> None:
+        """Move the SQLite write-ahead log into the database file (nothing to do elsewhere)."""
+        if not (self.database.connected and self.database.dialect == "sqlite"):
+            return
+        # On the driver connection: inside SQLAlchemy's BEGIN the checkpoint could not finish.
+        connection = self.database.engine.raw_connection()
+        try:
+            busy, _, moved = connection.driver_connection.execute(  # type: ignore[union-attr]
+                "PRAGMA wal_checkpoint(TRUNCATE)"
+            ).fetchone()
+        finally:
+            connection.close()
+        if busy:
+            log.warning("WAL checkpoint incomplete: another connection is still reading")
+        elif moved > 0:
+            log.info("flushed the write-ahead log into the database (%d pages)", moved)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.migrator.close()
+            self.database.close()
+
+    def clean_leftovers(self) -> None:
+        try:
+            self.backups.cleanup()
+        except (OSError, DatabaseError) as error:
+            log.warning("could not clean up after an interrupted backup: %s", error)
+
+    # -- the schema -----------------------------------------------------------------------------
+
+    def migrate(self, target: str = "head") -> MigrationReport:
+        """Apply pending revisions (one transaction each, every attempt recorded); a database
+        that already has a version is backed up first (reason pre-migration)."""
+        with self.migrator.locked() as schema:
+            interrupted = schema.close_interrupted()
+            status, pending = schema.plan(target)
+            if not pending:
+                log.info(
+                    "schema is at %s%s; nothing to apply",
+                    status.current_name,
+                    " (head)" if status.at_head else "",
+                )
+                report = MigrationReport(status.current_version, status.current_version)
+            else:
+                if status.current is None:
+                    schema.refuse_unmanaged()
+                else:
+                    self._safety_backup("pre-migration", pending)
+                report = schema.upgrade(pending, status)
+            report.interrupted = interrupted
+        return report
+
+    def downgrade(self, target: str) -> MigrationReport:
+        """Revert down to ``target``, after a backup of the database (reason pre-downgrade)."""
+        with self.migrator.locked() as schema:
+            schema.close_interrupted()
+            if schema.status().current is not None:
+                self._safety_backup("pre-downgrade", None)
+            return schema.downgrade(target)
+
+    def baseline(self, target: str) -> Revision:
+        """Adopt a database created outside dbkeeper: record it as being at ``target``."""
+        revision = self.revisions.find(target)
+        if revision is None:
+            raise MigrationError("baseline needs a revision such as 0001 or head, not base")
+        with self.migrator.locked() as schema:
+            schema.baseline(revision)
+        return revision
+
+    def validate(self) -> ValidationReport:
+        """Check the schema after migrating; missing critical tables are fatal."""
+        report = self.migrator.validate()
+        for line in report.drift:
+            log.warning("schema drift: %s", line)
+        for line in report.changed_revisions:
+            log.warning("%s", line)
+        if not report.ok:
+            raise DatabaseError(
+                "critical tables are missing after migrating: "
+                + ", ".join(report.missing_tables)
+                + ". The schema does not match the revisions; check `dbkeeper db history`, "
+                "[migrations] metadata and [migrations] critical_tables."
+            )
+        if not report.compared:
+            log.info("schema validated (no [migrations] metadata known: drift not checked)")
+        elif not report.drift and not report.changed_revisions:
+            log.info("schema validated: every critical table present, no drift")
+        return report
+
+    def _safety_backup(self, reason: str, pending: list[Revision] | None) -> None:
+        if not self.backups.available:
+            log.info("not backing up first: %s", self.backups.engine.unavailable())
+            return
+        try:
+            self.last_safety_backup = self.backups.create(reason, wait=True)
+        except BackupError as error:
+            what = (
+                f"applying {len(pending)} pending revision{'s' if len(pending) > 1 else ''}"
+                if pending
+                else "reverting anything"
+            )
+            raise MigrationError(
+                f"not {what} without a backup: {error}. The schema was not changed."
+            ) from error
+
+    # -- restoring --------------------------------------------------------------------------------
+
+    def restore(
+        self,
+        name: str,
+        *,
+        pause: Pause = contextlib.nullcontext,
+        progress: Progress | None = None,
+    ) -> RestoreReport:
+        """Replace the live database with backup ``name`` after proving it sound.
+
+        Nothing touches the live database until the backup passed every check; ``pause``
+        holds the bot's database work (a running bot's) from the safety copy to the reopen.
+        """
+        started = time.monotonic()
+        report = serialized(progress)
+        limits = Limits()
+        backups = self.backups
+        busy = backups.engine.in_use_elsewhere()  # the reason that holds longest comes first
+        if busy is not None:
+            raise BackupError(busy)
+        with backups.exclusive("restore", wait=False, limits=limits):
+            candidate = prepare(backups, name, report, limits)
+            try:
+                with backups.engine.exclusive(), pause():
+                    safety, damaged = keep_current(backups, candidate, report, limits)
+                    self.database.release()
+                    self.migrator.close()
+                    try:
+                        set_aside = swap(backups, candidate, set_aside_damaged=damaged)
+                    except BackupError:
+                        with contextlib.suppress(Exception):
+                            self.database.connect()
+                        raise
+                    report("restore", 1, 1)
+                    reopened = self._reopen_after_restore(name, safety)
+            finally:
+                candidate.discard()
+        elapsed = time.monotonic() - started
+        version = self.revisions.version_of(candidate.facts.revision)
+        log.info(
+            "restored %s (schema v%d)%s in %.1fs",
+            name,
+            version,
+            f"; the previous database is saved as {safety.name}" if safety else "",
+            elapsed,
+        )
+        return RestoreReport(name, version, safety, reopened, round(elapsed, 3), set_aside)
+
+    def _reopen_after_restore(self, name: str, safety: Backup | None) -> MigrationReport | None:
+        """Connect, and bring the restored schema forward to head (no pre-migration copy: the
+        backup is that copy)."""
+        try:
+            self.database.connect()
+            report = None
+            if not self.revisions.managed:
+                return None
+            if self.migration_settings.auto_upgrade:
+                with self.migrator.locked() as schema:
+                    status, pending = schema.plan()
+                    report = schema.upgrade(pending, status)
+            else:
+                status = self.migrator.status()
+                if status.pending:
+                    log.warning(
+                        "the restored database is at %s (head %s); `dbkeeper db migrate` "
+                        "brings it forward (auto_upgrade is off)",
+                        status.current_name,
+                        status.pending[-1].name,
+                    )
+            self.last_validation = self.validate()
+            return report
+        except Exception as error:
+            kept = f"is kept as {safety.name}" if safety else "did not exist"
+            raise BackupError(
+                f"restored {name}, but opening it afterwards failed: {error}. The previous "
+                f"database {kept}; `dbkeeper backup restore {safety.name if safety else name}` "
+                "puts it back."
+            ) from error

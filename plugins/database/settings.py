@@ -1,0 +1,167 @@
+"""The database plugin's configuration sections: ``[database]``, ``[migrations]``, ``[backup]``.
+
+Declared like the host's (``dbkeeper.config.setting``): each key once, with its type, default
+and rule, so a wrong value stops startup with one line naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dbkeeper.config import at_least, one_of, seconds, setting
+
+# dbkeeper's example schema: the revisions of the members feature, shipped in the package.
+EXAMPLE_SCRIPT_LOCATION = "dbkeeper.migrations:"
+NO_MIGRATIONS = "none"
+
+
+def normalize_database_url(url: str) -> str:
+    """Map driverless PostgreSQL URLs (as hosting providers hand them out) to psycopg 3."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def database_url(value: str) -> str | None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(normalize_database_url(value))
+        url.port  # noqa: B018 - a non-numeric port fails here, not at connect time
+    except (ArgumentError, ValueError) as error:
+        return (
+            f"is not a database URL ({' '.join(str(error).split())[:120]}); expected "
+            "sqlite:///path/to/bot.db or postgresql+psycopg://user@host:5432/dbname"
+        )
+    backend = url.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        return f"uses {backend!r}; dbkeeper supports sqlite and postgresql"
+    if backend == "sqlite":
+        database = url.database or ""
+        if (
+            database in ("", ":memory:")
+            or "mode=memory" in database
+            or database.startswith("file::memory:")
+        ):
+            return (
+                "is an in-memory SQLite database: it vanishes with the process, so there is "
+                "nothing to keep; give a file, e.g. sqlite:///data/bot.db"
+            )
+    elif not url.database:
+        return "names no database (postgresql+psycopg://user@host:5432/dbname)"
+    return None
+
+
+def non_negative_each(values: tuple[float, ...]) -> str | None:
+    if not values:
+        return "must list at least one delay"
+    if any(v < 0 for v in values):
+        return "delays must not be negative"
+    if any(v > 3600 for v in values):
+        return "delays must be at most 3600 seconds"
+    return None
+
+
+def directory_or_empty(value: str) -> str | None:
+    if not value or Path(value).is_dir():
+        return None
+    return "must be empty or an existing directory"
+
+
+def backup_directory(value: str) -> str | None:
+    if not value.strip():
+        return "must name a directory (e.g. data/backups)"
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        return "is a file, not a directory"
+    return None
+
+
+def script_location(value: str) -> str | None:
+    """A directory (relative to where dbkeeper runs), ``package:path``, or ``none``."""
+    if not value or value == NO_MIGRATIONS or (":" in value and not Path(value).exists()):
+        return None  # a package resource is checked when it is resolved (it needs imports)
+    path = Path(value)
+    if not path.is_dir():
+        return "is not a directory (an Alembic directory with env.py and versions/)"
+    if not (path / "env.py").is_file():
+        return "has no env.py: it is not an Alembic directory (create one with `alembic init`)"
+    return None
+
+
+def metadata_reference(value: str) -> str | None:
+    if not value:
+        return None
+    module, _, attribute = value.partition(":")
+    parts = [*module.split("."), *attribute.split(".")] if attribute else []
+    if not attribute or not all(part.isidentifier() for part in parts):
+        return "must be 'package.module:attribute' (e.g. 'bot.models:Base.metadata')"
+    return None
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = setting(
+        "sqlite:///data/bot.db", database_url, doc="SQLAlchemy URL", secret=True, env="DATABASE_URL"
+    )
+    connect_retries: int = setting(3, at_least(1), doc="connection attempts at startup")
+    retry_backoff_seconds: tuple[float, ...] = setting(
+        (1, 2, 3), non_negative_each, doc="waits between attempts; the last one repeats"
+    )
+    busy_timeout_ms: int = setting(5000, at_least(0), doc="SQLite: wait this long for a lock")
+    pool_size: int = setting(5, at_least(1), doc="PostgreSQL: connections kept open")
+    max_overflow: int = setting(10, at_least(0), doc="PostgreSQL: extra connections at peaks")
+    pool_timeout_seconds: float = setting(30, seconds(), doc="wait this long for a free connection")
+    connect_timeout_seconds: float = setting(10, seconds(1), doc="PostgreSQL: TCP connect timeout")
+
+
+@dataclass(frozen=True)
+class MigrationSettings:
+    auto_upgrade: bool = setting(True, doc="apply pending revisions at startup")
+    retries: int = setting(3, at_least(1), doc="attempts per revision on transient errors")
+    critical_tables: tuple[str, ...] = setting(
+        (), doc="tables that must exist after migrating; empty: every table of the metadata"
+    )
+    lock_timeout_seconds: float = setting(
+        600, seconds(), doc="wait this long for another instance's migration"
+    )
+    script_location: str = setting(
+        "",
+        script_location,
+        doc=(
+            "the Alembic directory (a path, or package:path); empty: dbkeeper's example "
+            "schema; none: dbkeeper migrates nothing"
+        ),
+    )
+    metadata: str = setting(
+        "",
+        metadata_reference,
+        doc=(
+            "module:attribute of the SQLAlchemy MetaData to validate against (drift, critical "
+            "tables); empty: the loaded plugins' models"
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class BackupSettings:
+    dir: str = setting("data/backups", backup_directory, doc="where backups are written")
+    interval_seconds: float = setting(86400, seconds(1), doc="seconds between scheduled backups")
+    keep: int = setting(7, at_least(1), doc="newest backups kept by rotation")
+    compression: str = setting("gzip", one_of("gzip", "zstd", "none"), doc="gzip | zstd | none")
+    compress_min_bytes: int = setting(1048576, at_least(0), doc="smaller backups stay raw")
+    on_shutdown: bool = setting(True, doc="take a final backup when the bot stops")
+    send_to_chat: bool = setting(False, doc="/backup also uploads the file to the admin")
+    pg_bin_dir: str = setting(
+        "", directory_or_empty, doc="PostgreSQL: directory of pg_dump and pg_restore; empty: PATH"
+    )
+
+
+SECTIONS: dict[str, type] = {
+    "database": DatabaseSettings,
+    "migrations": MigrationSettings,
+    "backup": BackupSettings,
+}
