@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from telegram import Chat, Update
 from telegram.ext import BaseHandler, CommandHandler, ContextTypes, filters
 
 log = logging.getLogger("dbkeeper.admin")
-Callback = Callable[[Update, ContextTypes.DEFAULT_TYPE], Awaitable[Any]]
+Callback = Callable[[Update, Any], Coroutine[Any, Any, Any]]
 REFUSALS_LOGGED_PER_MINUTE = 10
 
 

@@ -267,7 +267,7 @@ class Settings:
         """The section declared by ``cls`` (``ConfigError`` if no loaded plugin declares it)."""
         for value in self.sections.values():
             if type(value) is cls:
-                return typing.cast(T, value)
+                return value
         raise ConfigError(f"no loaded plugin declares the section {cls.__name__}")
 
     def is_set(self, section: str, key: str) -> bool:

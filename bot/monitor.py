@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from telegram.ext import ContextTypes, Job, JobQueue
 
@@ -34,7 +35,7 @@ class HealthMonitor:
         self.runs = 0
         self._listeners: list[Listener] = []
         self._running: asyncio.Task[HealthReport] | None = None
-        self._job: Job | None = None
+        self._job: Job[Any] | None = None
         self._first: asyncio.Future[None] | None = None
         self._stopped = False
 
@@ -46,7 +47,7 @@ class HealthMonitor:
         """True when the last report is healthy (degraded and unhealthy are not)."""
         return self.last is not None and self.last.status is Status.HEALTHY
 
-    def start(self, job_queue: JobQueue) -> None:
+    def start(self, job_queue: JobQueue[Any]) -> None:
         """Start the first check now, in the background, and schedule the periodic ones.
 
         Startup does not wait for the first check: a slow check (an unreachable Bot API, a hung

@@ -18,7 +18,7 @@ in reverse. A plugin never sees the host: everything it may do goes through its
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -138,7 +138,8 @@ class PluginContext:
 
     @property
     def bot(self) -> Bot:
-        return self._host.application.bot
+        bot: Bot = self._host.application.bot
+        return bot
 
     @property
     def plugin_metadata(self) -> list[Any]:
@@ -225,7 +226,7 @@ class PluginContext:
     def add_admin_command(
         self,
         command: str,
-        callback: Callable[..., Awaitable[Any]],
+        callback: Callable[..., Coroutine[Any, Any, Any]],
         description: str,
     ) -> None:
         """``/command`` for admins in private chats or the alert chat (a PTB filter); anyone

@@ -43,13 +43,13 @@ class Database:
     @property
     def engine(self) -> Engine:
         """The bot's engine: the same object before and after a restore."""
-        return self._plugin.operations.database.engine  # type: ignore[no-any-return]
+        return self._plugin.operations.database.engine
 
     @property
     def sessions(self) -> sessionmaker[Session]:
         """``with database.sessions() as session, session.begin(): ...`` (blocking: off the
         event loop, or keep it short)."""
-        return self._plugin.operations.database.sessions  # type: ignore[no-any-return]
+        return self._plugin.operations.database.sessions
 
     @property
     def dialect(self) -> str:
@@ -57,11 +57,11 @@ class Database:
 
     async def run(self, work: Callable[[Session], T]) -> T:
         """``work(session)`` in one write transaction on a worker thread; its result."""
-        return await self._plugin.operations.database.run(work)  # type: ignore[no-any-return]
+        return await self._plugin.operations.database.run(work)
 
     async def read(self, work: Callable[[Session], T]) -> T:
         """Like ``run`` for work that only reads."""
-        return await self._plugin.operations.database.read(work)  # type: ignore[no-any-return]
+        return await self._plugin.operations.database.read(work)
 
     async def backup(self, reason: str = "manual") -> Backup:
         """A verified backup now (``BackupInProgress`` while another runs)."""

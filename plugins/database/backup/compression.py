@@ -230,7 +230,9 @@ def _unzstd(source: Path, chunks: Iterator[bytes], emit: Callable[[bytes], None]
     produced = 0
     try:
         for data in zstandard.ZstdDecompressor().read_to_iter(
-            Reader(), read_size=CHUNK, write_size=CHUNK
+            Reader(),  # type: ignore[arg-type]  # any object with read(size) will do
+            read_size=CHUNK,
+            write_size=CHUNK,
         ):
             produced += len(data)
             emit(data)

@@ -28,6 +28,7 @@ burst of scheduled backups never rotates away the copy taken before a restore.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import logging
@@ -269,7 +270,7 @@ class Backups:
         started: float,
         limits: Limits,
         progress: Progress,
-        temporary: list[Path],
+        temporary: builtins.list[Path],
     ) -> Backup:
         phases: dict[str, float] = {}
         raw = self.store.temp(stem + self.engine.raw_suffix)
@@ -394,7 +395,7 @@ class Backups:
 
     # -- deferred compression -----------------------------------------------------------------
 
-    def compress_pending(self, *, stop: threading.Event | None = None) -> list[Backup]:
+    def compress_pending(self, *, stop: threading.Event | None = None) -> builtins.list[Backup]:
         """Compress backups kept raw at shutdown (the next start calls this in the background)."""
         limits = Limits(None, (stop,) if stop else ())
         done: list[Backup] = []
@@ -497,7 +498,7 @@ class Backups:
 
     def verify(
         self, name: str | None = None, *, progress: Progress | None = None
-    ) -> list[VerifyResult]:
+    ) -> builtins.list[VerifyResult]:
         """Re-check one backup (or all): checksum, full decompression, engine check, manifest."""
         progress = serialized(progress)
         limits = Limits()
@@ -536,7 +537,7 @@ class Backups:
 
     # -- housekeeping -------------------------------------------------------------------------
 
-    def cleanup(self) -> list[Path]:
+    def cleanup(self) -> builtins.list[Path]:
         """Remove leftovers of interrupted backups and restores (when no backup is running)."""
         if not self.store.directory.is_dir() and not self.engine.leftovers():
             return []

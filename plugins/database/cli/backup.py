@@ -139,6 +139,7 @@ def list_backups(obj: CliContext) -> None:
                 f"{size(info.size_bytes):>9}  {'v' + str(info.schema_version):>6}  "
                 f"{info.rows:,}{pending}"
             )
+        assert stats.newest is not None and stats.oldest is not None
         click.echo(
             f"{stats.count} backup{'s' if stats.count != 1 else ''}, "
             f"{size(stats.total_bytes)} in total, in {manager.store.directory}; "

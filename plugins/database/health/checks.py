@@ -272,9 +272,9 @@ class DatabaseHealth:
         self.migration_seconds = seconds
         pending = [revision.id for revision in status.pending]
         failed = [
-            attempt
+            found
             for version in pending
-            if (attempt := latest.get(version)) is not None and attempt.success is False
+            if (found := latest.get(version)) is not None and found.success is False
         ]
         values = {
             "schema_version": status.current_version,

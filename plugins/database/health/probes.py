@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -106,7 +107,8 @@ class SQLiteProbe(Probe):
     scans_pages = True
 
     def _abort(self, connection: Connection) -> Callable[[], None] | None:
-        return connection.connection.driver_connection.interrupt  # type: ignore[no-any-return]
+        driver: Any = connection.connection.driver_connection
+        return driver.interrupt  # type: ignore[no-any-return]
 
     def overview(self, connection: Connection) -> Overview:
         names = [

@@ -277,26 +277,30 @@ class SchemaChange:
 
     def lock(self) -> None:
         migrator = self.migrator
-        wait = {
-            "timeout": migrator.settings.lock_timeout_seconds,
-            "on_wait": lambda holder: log.info(
-                "another process is migrating this database (%s); waiting for it", holder
-            ),
-            "gave_up": lambda why: MigrationError(
-                f"gave up waiting for the migration lock: {why}. If that process is stuck, "
-                "stop it and start again."
-            ),
-            "stopped": self._stopped,
-        }
         if migrator.dialect == "postgresql":
             self._advisory = AdvisoryLock(migrator.engine, MIGRATION_LOCK_ID)
-            acquire(self._take_advisory, holder=self._advisory.holder, **wait)
+            self._wait_for(self._take_advisory, self._advisory.holder)
             return
         file = Path(migrator.url.database or "")
         file.parent.mkdir(parents=True, exist_ok=True)
         self._file_lock = migration_lock(file)
-        acquire(self._file_lock.try_acquire, holder=self._file_lock.holder, **wait)
+        self._wait_for(self._file_lock.try_acquire, self._file_lock.holder)
         self.connection = migrator.engine.connect()
+
+    def _wait_for(self, attempt: Callable[[], bool], holder: Callable[[], str]) -> None:
+        acquire(
+            attempt,
+            holder=holder,
+            timeout=self.migrator.settings.lock_timeout_seconds,
+            on_wait=lambda who: log.info(
+                "another process is migrating this database (%s); waiting for it", who
+            ),
+            gave_up=lambda why: MigrationError(
+                f"gave up waiting for the migration lock: {why}. If that process is stuck, "
+                "stop it and start again."
+            ),
+            stopped=self._stopped,
+        )
 
     def _take_advisory(self) -> bool:
         assert self._advisory is not None
@@ -394,8 +398,9 @@ class SchemaChange:
         if target != "head":
             goal = self.migrator.revisions.find(target)
             ids = [r.id for r in pending]
-            reached = goal is None or goal.id not in ids
-            pending = [] if reached else pending[: ids.index(goal.id) + 1]
+            # up to the goal; nothing when the database is there already, or past it
+            stop = ids.index(goal.id) + 1 if goal is not None and goal.id in ids else 0
+            pending = pending[:stop]
         return status, pending
 
     def refuse_unmanaged(self) -> None:
@@ -657,7 +662,7 @@ def _check_foreign_keys(conn: Connection) -> None:
         raise MigrationError(f"the revision left {len(problems)} broken foreign keys: {sample}")
 
 
-def _row_fields(revision: Revision) -> dict[str, str]:
+def _row_fields(revision: Revision) -> dict[str, Any]:
     return {
         "version": revision.id,
         "description": revision.description,

@@ -174,7 +174,7 @@ class Revisions:
 def _revision(script: Script, position: int) -> Revision:
     path = Path(script.path)
     down = script.down_revision
-    if isinstance(down, tuple):
+    if isinstance(down, tuple | list):
         down = down[0] if down else None
     return Revision(
         id=script.revision,

@@ -50,7 +50,7 @@ def merged_metadata(sources: Sequence[MetaData]) -> MetaData | None:
         return None
     if len(sources) == 1:
         return sources[0]
-    merged = MetaData(naming_convention=dict(sources[0].naming_convention))
+    merged = MetaData(naming_convention=sources[0].naming_convention)
     for source in sources:
         for table in source.tables.values():
             table.to_metadata(merged)
