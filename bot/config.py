@@ -122,7 +122,9 @@ def log_level(value: str) -> str | None:
 
 def import_strings(values: tuple[str, ...]) -> str | None:
     for value in values:
-        if not value or any(part and not part.isidentifier() for part in value.split(":", 1)):
+        module, _, attribute = value.partition(":")
+        names = module.split(".") + (attribute.split(".") if attribute else [])
+        if not all(name.isidentifier() for name in names):
             return f"{value!r} is not an import string such as 'package.module' or 'module:Class'"
     return None
 
