@@ -13,14 +13,14 @@ __version__ = "0.2.0"
 
 if TYPE_CHECKING:
     from dbkeeper.app import LOCAL_MODE_TOKEN
-    from dbkeeper.embed import install, run
+    from dbkeeper.embed import application_builder, install, run
 
-__all__ = ["LOCAL_MODE_TOKEN", "__version__", "install", "run"]
+__all__ = ["LOCAL_MODE_TOKEN", "__version__", "application_builder", "install", "run"]
 
 
 def __getattr__(name: str) -> Any:
     """The public names, imported on first use: ``import dbkeeper`` stays light."""
-    if name in ("install", "run"):
+    if name in ("application_builder", "install", "run"):
         from dbkeeper import embed
 
         return getattr(embed, name)

@@ -14,19 +14,26 @@ from dbkeeper.config import Settings
 LOCAL_MODE_TOKEN = "0:local-mode-without-telegram"
 
 
-def build_application(settings: Settings) -> Application[Any, Any, Any, Any, Any, Any]:
-    """The application ``dbkeeper run`` drives. Every Bot API call (chat answers and alerts)
-    goes through PTB's ``AIORateLimiter``, which keeps within Telegram's flood limits and
-    retries a call that Telegram asks to wait for."""
+Builder = ApplicationBuilder[Any, Any, Any, Any, Any, Any]
+
+
+def configure_builder(builder: Builder, settings: Settings) -> Builder:
+    """The token (none: local mode's placeholder), the Bot API's base URL, and PTB's
+    ``AIORateLimiter`` for every Bot API call (chat answers and alerts): it keeps within
+    Telegram's flood limits and retries a call that Telegram asks to wait for."""
     telegram = settings.telegram
-    builder: ApplicationBuilder[Any, Any, Any, Any, Any, Any] = (
-        Application.builder()
-        .token(telegram.token or LOCAL_MODE_TOKEN)
-        .rate_limiter(AIORateLimiter(max_retries=2))
+    builder = builder.token(telegram.token or LOCAL_MODE_TOKEN).rate_limiter(
+        AIORateLimiter(max_retries=2)
     )
     if telegram.api_base_url:
         base = telegram.api_base_url.rstrip("/")
         builder = builder.base_url(base).base_file_url(_file_url(base))
+    return builder
+
+
+def build_application(settings: Settings) -> Application[Any, Any, Any, Any, Any, Any]:
+    """The application ``dbkeeper run`` drives."""
+    builder = configure_builder(Application.builder(), settings)
     if settings.local_mode:
         builder = builder.updater(None)
     # Updates run concurrently so that a slow command (a backup) never stalls the others.

@@ -27,15 +27,25 @@ import os
 import weakref
 from typing import Any
 
-from telegram.ext import Application
+from telegram.ext import Application, ApplicationBuilder
 
-from dbkeeper.app import LOCAL_MODE_TOKEN
+from dbkeeper.app import LOCAL_MODE_TOKEN, configure_builder
 from dbkeeper.config import Settings, load_settings
 from dbkeeper.host import Host
+from dbkeeper.logs import protect_logging
 from dbkeeper.plugin import Deadline
 
 AnyApplication = Application[Any, Any, Any, Any, Any, Any]
+AnyBuilder = ApplicationBuilder[Any, Any, Any, Any, Any, Any]
 _HOSTS: weakref.WeakKeyDictionary[AnyApplication, Host] = weakref.WeakKeyDictionary()
+
+
+def application_builder(config: str | os.PathLike[str] | None = None) -> AnyBuilder:
+    """An ``ApplicationBuilder`` from the configuration's ``[telegram]`` section: the token
+    (``TELEGRAM_BOT_TOKEN``; none: local mode), ``api_base_url`` and PTB's rate limiter. Add
+    what your bot needs, ``build()``, then ``install``."""
+    settings = load_settings(config, required=config is not None, embedded=True)
+    return configure_builder(Application.builder(), settings)
 
 
 def install(
@@ -51,6 +61,7 @@ def install(
         settings = load_settings(config, required=config is not None, embedded=True)
     token = application.bot.token
     settings = settings.with_section("telegram", token="" if token == LOCAL_MODE_TOKEN else token)
+    protect_logging(settings.logging.level, settings.secrets())
     host = Host(settings, application)
     host.bot_hooks = {
         name: hook

@@ -58,6 +58,35 @@ class RedactingFormatter(logging.Formatter):
         return SECRETS.redact(super().format(record))
 
 
+class RedactingFilter(logging.Filter):
+    """For handlers someone else set up (a bot that embeds dbkeeper): the record's message is
+    redacted before their formatter sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = SECRETS.redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and record.exc_text is None:
+            record.exc_text = SECRETS.redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+def protect_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
+    """Logging for dbkeeper inside someone else's program: its own set-up when the program has
+    none; otherwise its handlers keep their format and get secrets redacted."""
+    SECRETS.add(*secrets)
+    root = logging.getLogger()
+    if not root.handlers:
+        setup_logging(level)
+        return
+    for handler in root.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+    for name, noisy_level in _NOISY_LOGGERS.items():
+        logging.getLogger(name).setLevel(max(noisy_level, logging.getLogger(name).level))
+
+
 def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
     """Send logs to stderr, one line per event, with secrets redacted."""
     SECRETS.add(*secrets)

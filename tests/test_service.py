@@ -187,3 +187,32 @@ def test_sqlite_file_that_cannot_be_opened_is_retried_then_fails(
     assert len(waits) == 2
     if before is not None:
         assert path.read_bytes() == before  # nothing was written over it
+
+
+async def test_an_engine_of_the_bots_own_is_reported_at_startup_and_when_it_connects(
+    sqlite_url: str, make_settings: SettingsFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restore can pause and hand over only the database access dbkeeper gives out; an engine
+    the bot made itself is named at startup, and one made later when it first connects."""
+    from sqlalchemy import create_engine
+
+    from tests.support.hosts import free_port, running_host
+
+    caplog.set_level(logging.WARNING, logger="dbkeeper.database")
+    early = create_engine(sqlite_url)  # made at import time, as many bots do
+    elsewhere = create_engine(sqlite_url.replace("bot.db", "other.db"))
+    settings = make_settings(sqlite_url, health={"http_port": free_port()})
+    async with running_host(settings) as (_, plugin):
+        warned = [r.getMessage() for r in caplog.records if "not dbkeeper's" in r.getMessage()]
+        assert len(warned) == 1 and "restore cannot pause it" in warned[0]
+        late = create_engine(sqlite_url)
+        with late.connect():
+            pass
+        with plugin.database.session() as session:  # dbkeeper's own access is never reported
+            session.execute(text("SELECT 1"))
+        with elsewhere.connect():  # another database: none of dbkeeper's business
+            pass
+        warned = [r.getMessage() for r in caplog.records if "not dbkeeper's" in r.getMessage()]
+        assert len(warned) == 2
+    for engine in (early, late, elsewhere):
+        engine.dispose()

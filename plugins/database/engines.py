@@ -23,10 +23,13 @@ or rolls back as one unit.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sqlite3
+import threading
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
@@ -40,8 +43,32 @@ from .settings import DatabaseSettings, normalize_database_url
 Purpose = Literal["app", "migrations", "probe", "leader", "tool"]
 # Execution option naming the kind of BEGIN SQLite connections emit: DEFERRED, IMMEDIATE.
 SQLITE_BEGIN = "dbkeeper_sqlite_begin"
-# Every engine this factory made: anything else that opens the bot's database is the bot's own.
+# Every engine this factory made, and those an env.py makes while dbkeeper migrates: anything
+# else that opens the bot's database is the bot's own.
 OWN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+_adopting = threading.local()
+
+
+@contextlib.contextmanager
+def adopting() -> Iterator[None]:
+    """Engines that connect on this thread meanwhile are dbkeeper's (an Alembic env.py that
+    builds its own engine while dbkeeper runs it)."""
+    _adopting.active = True
+    try:
+        yield
+    finally:
+        _adopting.active = False
+
+
+def is_own(engine: Engine) -> bool:
+    """Whether ``engine`` is one of dbkeeper's (or wraps one: ``execution_options()``)."""
+    origin = getattr(engine, "_proxied", engine)
+    if origin in OWN_ENGINES:
+        return True
+    if getattr(_adopting, "active", False):
+        OWN_ENGINES.add(origin)
+        return True
+    return False
 APPLICATION_NAMES = {
     "app": "dbkeeper-app",
     "migrations": "dbkeeper-migrations",

@@ -16,6 +16,7 @@ the bot creates itself cannot be paused, and is reported when it connects.
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -62,6 +63,10 @@ class Database:
     async def read(self, work: Callable[[Session], T]) -> T:
         """Like ``run`` for work that only reads."""
         return await self._plugin.operations.database.read(work)
+
+    async def backups(self) -> list[Backup]:
+        """The complete, verified backups, newest first."""
+        return await asyncio.to_thread(self._plugin.operations.backups.list)
 
     async def backup(self, reason: str = "manual") -> Backup:
         """A verified backup now (``BackupInProgress`` while another runs)."""

@@ -26,6 +26,7 @@ from .errors import BackupError, BackupInProgress, DatabaseError
 from .handle import BOT_DATA_KEY, Database
 from .leadership import Leadership
 from .operations import Operations
+from .service import report_foreign_engines
 from .settings import EXAMPLE_SCRIPT_LOCATION, SECTIONS
 
 if TYPE_CHECKING:
@@ -133,6 +134,7 @@ class DatabasePlugin(Plugin):
             if self.context is not None:  # delivered before the process exits (Host.stop)
                 await self.context.alert(f"startup failed: {error}", key="startup")
             raise StartupError(str(error)) from error
+        await asyncio.to_thread(report_foreign_engines)
         if self.leadership is not None and self.context is not None:
             await self.leadership.start()
             # From now on only the leader alerts, polls and backs up (before: this instance,

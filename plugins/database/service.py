@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import threading
@@ -40,10 +41,10 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .engines import (
-    OWN_ENGINES,
     SQLITE_BEGIN,
     create_database_engine,
     database_url,
+    is_own,
     safe_url,
     sqlite_file,
 )
@@ -378,9 +379,19 @@ def _watch_for_foreign_engines(service: DatabaseService) -> None:
         event.listen(Engine, "engine_connect", _on_any_engine_connect)
 
 
+def report_foreign_engines() -> None:
+    """At startup: engines the bot made already (at import time, say) that open its database."""
+    for candidate in gc.get_objects():
+        if isinstance(candidate, Engine):
+            _check_engine(candidate)
+
+
 def _on_any_engine_connect(connection: Connection) -> None:
-    engine = connection.engine
-    if engine in _SEEN or engine in OWN_ENGINES:
+    _check_engine(connection.engine)
+
+
+def _check_engine(engine: Engine) -> None:
+    if engine in _SEEN or is_own(engine):
         return
     _SEEN.add(engine)
     for service in list(_SERVICES):

@@ -36,7 +36,11 @@ def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
 
 
 class BotProcess:
-    """``python -m dbkeeper ARGS`` in ``cwd``; stderr and stdout collected line by line."""
+    """``python -m dbkeeper ARGS`` in ``cwd``; stderr and stdout collected line by line.
+
+    ``program``: another command line to run instead (a user's ``bot.py``, or dbkeeper from
+    another virtual environment); it then runs without this checkout on its path.
+    """
 
     def __init__(
         self,
@@ -44,18 +48,21 @@ class BotProcess:
         *,
         cwd: Path,
         env: Mapping[str, str] | None = None,
+        program: Sequence[str] | None = None,
     ) -> None:
         environment = {k: v for k, v in os.environ.items() if not k.startswith("DBKEEPER_TEST")}
         environment.pop("TELEGRAM_BOT_TOKEN", None)
         environment.pop("DATABASE_URL", None)
-        environment["PYTHONPATH"] = str(REPO)
+        environment.pop("PYTHONPATH", None)
+        if program is None:
+            environment["PYTHONPATH"] = str(REPO)
         environment["PYTHONUNBUFFERED"] = "1"
         environment.update(env or {})
         self.args = list(args)
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dbkeeper", *args],
+            [*(program or [sys.executable, "-m", "dbkeeper"]), *args],
             cwd=cwd,
             env=environment,
             stdin=subprocess.DEVNULL,  # a prompt gets end-of-file, as in a script
@@ -138,9 +145,14 @@ class BotProcess:
 
 
 def run_cli(
-    args: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 60
+    args: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 60,
+    program: Sequence[str] | None = None,
 ) -> tuple[int, str]:
     """Run a dbkeeper command to completion; return (exit status, combined output)."""
-    with BotProcess(args, cwd=cwd, env=env) as process:
+    with BotProcess(args, cwd=cwd, env=env, program=program) as process:
         code = process.wait(timeout)
         return code, process.output

@@ -32,7 +32,7 @@ from alembic import command
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, MetaData, event, inspect
 
-from ..engines import SQLITE_BEGIN, create_database_engine, database_url
+from ..engines import SQLITE_BEGIN, adopting, create_database_engine, database_url
 from ..errors import MigrationError, MigrationInterrupted, SchemaTooNew, UnmanagedDatabase
 from ..locks import (
     MIGRATION_LOCK_ID,
@@ -243,7 +243,8 @@ class Migrator:
 
             event.listen(connection, "before_cursor_execute", seen)
             try:
-                command.current(self.config(connection))
+                with adopting():
+                    command.current(self.config(connection))
             finally:
                 event.remove(connection, "before_cursor_execute", seen)
             if connection.in_transaction():
@@ -615,10 +616,11 @@ class SchemaChange:
 
     def _alembic(self, conn: Connection | None, revision: Revision, direction: str) -> None:
         config = self.migrator.config(conn)
-        if direction == "upgrade":
-            command.upgrade(config, revision.id)
-        else:
-            command.downgrade(config, revision.down_revision or "base")
+        with adopting():  # an env.py's own engine is dbkeeper's while it migrates
+            if direction == "upgrade":
+                command.upgrade(config, revision.id)
+            else:
+                command.downgrade(config, revision.down_revision or "base")
 
     def _already_done(self, revision: Revision, direction: str) -> bool:
         """After waiting for a lost lock: did another instance apply (revert) it meanwhile?"""
