@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.process import REPO, write_config
+from tests.support.readme import block
 
 MODELS = '''
 """The bot's own tables (its own `bot` package: dbkeeper must not take the name)."""
@@ -94,12 +95,6 @@ REVISION_TWO = """    op.add_column(
 """
 # The body alembic's template generates: `pass`, after a docstring in recent versions.
 UPGRADE_BODY = re.compile(r'(def upgrade\(\) -> None:\n(?:\s+""".*?"""\n)?)\s+pass\n', re.S)
-SHARED_CONNECTION = """
-    from dbkeeper.plugins.database import alembic_env
-
-    if alembic_env.run_on_shared_connection(context, target_metadata):
-        return
-"""
 
 
 def build_wheel(target: Path) -> Path:
@@ -151,9 +146,8 @@ def make_project(root: Path, bin_dir: Path, *, admin: int, share_connection: boo
         marker = "def run_migrations_online() -> None:\n"
         head, _, tail = source.partition(marker)
         docstring_end = tail.index('"""', tail.index('"""') + 3) + 3
-        env.write_text(
-            head + marker + tail[:docstring_end] + SHARED_CONNECTION + tail[docstring_end:]
-        )
+        lines = "\n" + block("fragment").text  # the README's lines, exactly
+        env.write_text(head + marker + tail[:docstring_end] + lines + tail[docstring_end:])
     return root
 
 
