@@ -58,8 +58,8 @@ def generate(path: Path, size_mb: int) -> None:
         environ={},
     )
     plugin = DatabasePlugin(settings)
-    plugin.open()
-    plugin.close()
+    plugin.operations.open()
+    plugin.operations.close()
     rng = random.Random(42)
     words = vocabulary(rng)
     pool = [

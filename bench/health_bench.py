@@ -68,8 +68,8 @@ def build_database(path: Path, size_mb: int) -> None:
     print(f"building {path} ({size_mb} MiB) ...", flush=True)
     started = time.monotonic()
     plugin = DatabasePlugin(settings_for(path, free_port()))
-    plugin.open()
-    plugin.close()
+    plugin.operations.open()
+    plugin.operations.close()
     connection = sqlite3.connect(path, isolation_level=None)
     connection.execute("PRAGMA journal_mode = OFF")  # only while generating
     connection.execute("PRAGMA synchronous = OFF")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from dbkeeper.health import HealthReport, Status
+from dbkeeper.http_guard import runner_options
 from dbkeeper.plugin import StartupError
 
 if TYPE_CHECKING:
@@ -54,7 +55,9 @@ class HealthServer:
     async def start(self) -> None:
         """Listen; a port in use (or any bind error) stops startup naming the address."""
         where = f"{self.settings.http_host}:{self.settings.http_port}"
-        runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        runner = web.AppRunner(
+            self.app, access_log=None, handler_cancellation=True, **runner_options()
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)

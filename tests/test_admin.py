@@ -132,3 +132,33 @@ async def test_an_edited_command_does_not_run_again(
     api.push_command("/ping", user_id=ADMIN)  # a sentinel, handled after the edit
     await api.wait_for_message_async("pong", chat_id=ADMIN)
     assert len(ran) == 1  # the handler starts (and records) before any later update's reply
+
+
+def test_refusals_are_logged_at_a_bounded_rate(caplog: pytest.LogCaptureFixture) -> None:
+    """A stranger sending 300 commands costs a few log lines, not 300."""
+    from dbkeeper.admin import RateLimitedLog
+
+    now = [1000.0]
+    limited = RateLimitedLog(logging.getLogger("dbkeeper.admin"), clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="dbkeeper.admin")
+    for number in range(300):
+        limited.warning("refused /backup from user %s (%d)", STRANGER, number)
+    assert len(caplog.records) == 10
+    now[0] += 61
+    limited.warning("refused /backup from user %s (%d)", STRANGER, 300)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[10] == "290 more refusals in the last 61s were not logged one by one"
+    assert lines[11] == f"refused /backup from user {STRANGER} (300)" and len(lines) == 12
+
+
+async def test_a_flood_of_refused_commands_logs_a_few_lines(
+    api: TelegramAPIStandIn, ran: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dbkeeper.admin")
+    for _ in range(40):
+        api.push_command("/dbstats", user_id=STRANGER)
+    api.push_command("/ping", user_id=ADMIN)  # a sentinel, handled after the flood
+    await api.wait_for_message_async("pong", chat_id=ADMIN)
+    await _wait_for_log(caplog, "refused /dbstats")
+    refused = [r for r in caplog.records if "refused /dbstats" in r.getMessage()]
+    assert 1 <= len(refused) <= 10 and ran == []

@@ -62,6 +62,21 @@ def test_values_from_file_and_environment(tmp_path: Path) -> None:
         ({"telegram": {"api_base_url": "ftp://x"}}, "[telegram] api_base_url"),
         ({"logging": {"level": "LOUD"}}, "[logging] level"),
         ({"telegram": "token"}, "[telegram] must be a table"),
+        # Values that used to validate, then crash or misbehave (issue 10).
+        ({"health": {"interval_seconds": 1e308}}, "interval_seconds = 1e+308: must be at most"),
+        ({"backup": {"interval_seconds": 0.5}}, "interval_seconds = 0.5: must be at least"),
+        ({"instance": {"leader_poll_seconds": 1e-9}}, "leader_poll_seconds = 1e-09: must be at"),
+        ({"database": {"url": "postgresql://u@h:port/d"}}, "is not a database URL"),
+        ({"database": {"url": "sqlite://"}}, "is an in-memory SQLite database"),
+        ({"database": {"url": "sqlite:///:memory:"}}, "is an in-memory SQLite database"),
+        ({"database": {"url": "postgresql://u@h"}}, "names no database"),
+        ({"database": {"retry_backoff_seconds": [1e9]}}, "delays must be at most 3600"),
+        ({"backup": {"dir": ""}}, '[backup] dir = "": must name a directory'),
+        ({"backup": {"dir": "   "}}, "must name a directory"),
+        ({"migrations": {"script_location": "no/such/dir"}}, "is not a directory"),
+        ({"migrations": {"metadata": "models"}}, "must be 'package.module:attribute'"),
+        ({"shutdown": {"timeout_seconds": 1e12}}, "[shutdown] timeout_seconds = 1000000000000.0"),
+        ({"bot": {"plugins": ["not a module"]}}, "is not an import string"),
     ],
 )
 def test_bad_values_name_the_key(raw: dict, expected: str) -> None:
@@ -116,3 +131,29 @@ def test_cli_stops_with_one_line_naming_the_key(tmp_path: Path) -> None:
     assert code == 2
     assert output.strip() == "dbkeeper: config.toml: [backup] keep = 0: must be at least 1"
     assert not (tmp_path / "data").exists()  # nothing was started
+
+
+def test_paths_that_are_files_or_not_alembic_directories_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ({"backup": {"dir": str(tmp_path / "afile")}}, "is a file, not a directory"),
+        ({"migrations": {"script_location": str(tmp_path / "afile")}}, "is not a directory"),
+        ({"migrations": {"script_location": str(tmp_path / "empty")}}, "has no env.py"),
+    ]
+    for raw, expected in cases:
+        with pytest.raises(ConfigError) as caught:
+            settings_from_mapping(raw, environ={})
+        assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_bad_value_on_the_command_line_is_one_line_without_a_traceback(tmp_path: Path) -> None:
+    for text in (
+        "[health]\ninterval_seconds = 1e308\n",
+        '[database]\nurl = "postgresql://bot@db:port/bot"\n',
+        '[migrations]\nscript_location = "missing"\n',
+    ):
+        (tmp_path / "config.toml").write_text(text)
+        code, output = run_cli(["run"], cwd=tmp_path)
+        assert code == 2 and len(output.strip().splitlines()) == 1, output
+        assert "Traceback" not in output

@@ -125,6 +125,32 @@ async def test_a_hung_check_is_unhealthy_after_the_timeout_and_never_holds_the_r
     await asyncio.sleep(0)  # let the abandoned checks end
 
 
+async def test_concurrent_callers_share_the_running_check_instead_of_failing() -> None:
+    """The monitor and anyone else (an HTTP request, a benchmark) asking at once: one run of
+    each check, both healthy. Before, the second caller got "still waiting" as unhealthy."""
+    runs = 0
+    gate = asyncio.Event()
+
+    async def slow() -> Outcome:
+        nonlocal runs
+        runs += 1
+        await gate.wait()
+        return healthy("fine and slow")
+
+    registry = HealthRegistry(timeout=5)
+    registry.add("slow", slow, failing_as="cannot check")
+    first = asyncio.ensure_future(registry.run())
+    second = asyncio.ensure_future(registry.run())
+    await asyncio.sleep(0.05)
+    gate.set()
+    reports = await asyncio.gather(first, second)
+    assert runs == 1
+    assert [r.checks["slow"].message for r in reports] == ["fine and slow"] * 2
+    assert all(r.status is Status.HEALTHY for r in reports)
+    third = await registry.run()  # the next run is a new one
+    assert runs == 2 and third.status is Status.HEALTHY
+
+
 async def test_a_failing_check_is_unhealthy_and_no_secret_reaches_its_message() -> None:
     async def leaks() -> Outcome:
         raise RuntimeError(f"cannot open {SECRET_URL} with token {TOKEN}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from pathlib import Path
@@ -195,3 +196,65 @@ async def test_no_secret_in_any_answer(
     for text in texts:
         assert password not in text
         assert DEFAULT_TOKEN not in text and DEFAULT_TOKEN.split(":")[1] not in text
+
+
+def _connect(port: int) -> socket.socket:
+    connection = socket.create_connection(("127.0.0.1", port))
+    connection.settimeout(10)
+    return connection
+
+
+def _closed_within(connection: socket.socket, seconds: float) -> float:
+    """Seconds until the server closed ``connection`` (reading end-of-file)."""
+    started = time.monotonic()
+    connection.settimeout(seconds)
+    while connection.recv(4096):
+        pass
+    return time.monotonic() - started
+
+
+async def test_slow_and_idle_connections_are_closed_while_others_are_answered(
+    sqlite_url: str, make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dbkeeper.http_guard as guard_module
+
+    monkeypatch.setattr(guard_module, "IDLE_SECONDS", 1.0)
+    settings = make_settings(sqlite_url, health={"http_port": free_port()})
+    async with running_host(settings) as (host, _):
+        port = host.http.port
+        assert port is not None
+        silent = _connect(port)  # connects, sends nothing
+        dripping = _connect(port)  # sends half a request, then nothing more
+        dripping.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        status, _, _ = await get(host, "/livez")  # others are answered meanwhile
+        assert status == 200
+        loop = asyncio.get_running_loop()
+        took = await asyncio.gather(
+            loop.run_in_executor(None, _closed_within, silent, 5),
+            loop.run_in_executor(None, _closed_within, dripping, 5),
+        )
+        assert all(seconds < 4 for seconds in took), took
+
+
+async def test_a_malformed_request_gets_400_and_one_quiet_log_line(
+    sqlite_url: str, make_settings: SettingsFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # even at DEBUG: no traceback, none of the client's bytes
+    settings = make_settings(sqlite_url, health={"http_port": free_port()})
+    async with running_host(settings) as (host, _):
+        assert host.http.port is not None
+
+        def send_garbage() -> bytes:
+            connection = _connect(host.http.port or 0)
+            connection.sendall(b"G\x00T /health?token=s3cr3t-bytes HTTP/1.1\r\n\r\n")
+            answer = connection.recv(4096)
+            connection.close()
+            return answer
+
+        answer = await asyncio.get_running_loop().run_in_executor(None, send_garbage)
+        assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
+        status, _, _ = await get(host, "/livez")
+        assert status == 200
+    protocol = [r for r in caplog.records if r.name.startswith("dbkeeper.http")]
+    assert any("Error handling request" in r.getMessage() for r in protocol)
+    assert "Traceback" not in caplog.text and "s3cr3t" not in caplog.text
