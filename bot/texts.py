@@ -11,7 +11,9 @@ import html
 
 from telegram.constants import MessageLimit
 
-MB = 1024 * 1024
+# One truth: a megabyte is 1,000,000 bytes everywhere dbkeeper writes one (chat, logs, the
+# command line, [health] size_warning_mb), as disk makers and `df -H` count.
+MB = 1000 * 1000
 
 
 def duration(seconds: float) -> str:
@@ -30,14 +32,15 @@ def duration(seconds: float) -> str:
 
 
 def megabytes(size: float) -> str:
-    """``45.23 MB`` (MB = 1024² bytes, as the contract's messages), ``1.50 GB`` from 1 GB up."""
-    if size >= 1024 * MB:
-        return f"{size / MB / 1024:,.2f} GB"
+    """``45.23 MB`` (the contract's messages), ``1.50 GB`` from 1 GB up; powers of 1000."""
+    if size >= 1000 * MB:
+        return f"{size / MB / 1000:,.2f} GB"
     return f"{size / MB:.2f} MB"
 
 
 def size(value: float) -> str:
-    """``512 B``, ``61.4 KB``, ``12.4 MB``, ``1.1 GB`` (powers of 1000): logs and listings."""
+    """``512 B``, ``61.4 KB``, ``12.4 MB``, ``1.1 GB`` (powers of 1000, as ``megabytes``):
+    logs and listings, one decimal."""
     for unit in ("B", "KB", "MB"):
         if value < 1000:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"

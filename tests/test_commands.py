@@ -37,7 +37,7 @@ def _statistics(tables: dict[str, int]) -> DatabaseStatistics:
         status=MigrationStatus("0003", 3, "0003", 3, ()),
         migrations=MigrationStats(3, 1, NOW, 42),
         overview=Overview(tables),
-        size_bytes=5 * 1024 * 1024,
+        size_bytes=5_000_000,
     )
 
 
@@ -45,7 +45,7 @@ def _backup(name: str = "bot-db-2026-11-25_10-00-00.db.gz") -> Backup:
     return Backup(
         name=name,
         path=Path("/nowhere") / name,
-        size_bytes=3 * 1024 * 1024,
+        size_bytes=3_000_000,
         created_at=NOW - timedelta(hours=2),
         reason="manual",
         compression="gzip",
@@ -78,7 +78,7 @@ def test_dbstats_lists_tables_largest_first_cut_and_escaped() -> None:
     tables["<weird_*name>"] = 10_000
     stats = BackupStats(
         count=2,
-        total_bytes=6 * 1024 * 1024,
+        total_bytes=6_000_000,
         newest=_backup(),
         oldest=_backup("bot-db-2026-11-20_10-00-00.db.gz"),
         last_failure=BackupFailure(NOW, "scheduled", "disk full: <no space> left"),
@@ -110,3 +110,12 @@ def test_long_answers_are_split_under_telegrams_limit_at_line_ends() -> None:
     pieces = split_message(text)
     assert len(pieces) > 1 and all(len(p) <= 4096 for p in pieces)
     assert "\n".join(pieces) == text
+
+
+def test_a_megabyte_is_one_truth_in_chat_logs_and_the_command_line() -> None:
+    """MB meant 1000² on the command line and 1024² in chat; now 1000² everywhere."""
+    from dbkeeper.texts import MB, megabytes, size
+
+    assert MB == 1_000_000
+    assert megabytes(45_230_000) == "45.23 MB" and size(45_230_000) == "45.2 MB"
+    assert megabytes(1_500_000_000) == "1.50 GB" and size(1_500_000_000) == "1.5 GB"

@@ -211,7 +211,7 @@ async def test_database_checks_give_the_contract_messages(
         report = await host.monitor.check()
         assert report.status is Status.HEALTHY, report
         assert report.checks["database_backups"].message == (
-            f"1 backup | {taken.size_bytes / 1024 / 1024:.2f} MB"
+            f"1 backup | {taken.size_bytes / 1_000_000:.2f} MB"
         )
         assert report.checks["database_backups"].values["last_success_timestamp_seconds"] > 0
 
@@ -254,7 +254,7 @@ async def test_a_database_above_the_size_warning_is_degraded(
     size = report.checks["database_size"]
     assert size.status is Status.DEGRADED
     assert re.fullmatch(r"[\d.]+ MB, above the 0.01 MB warning: .*", size.message)
-    assert size.values["size_bytes"] > 0.01 * 1024 * 1024
+    assert size.values["size_bytes"] > 0.01 * 1_000_000
 
 
 async def test_pending_and_failed_revisions_make_migrations_unhealthy(
