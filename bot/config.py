@@ -21,7 +21,7 @@ import sys
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -163,12 +163,35 @@ class TelegramSettings:
     local_bot_api: bool = setting(False, doc="api_base_url is a local Bot API (2000 MB uploads)")
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class HealthSettings:
     interval_seconds: float = setting(300, seconds(), doc="seconds between health checks")
     size_warning_mb: float = setting(500, positive, doc="database size that degrades health")
-    http_host: str = setting("127.0.0.1", doc="address of the health HTTP API")
+    http_host: str = setting(
+        "127.0.0.1", doc="address of the health HTTP API", env="DBKEEPER_HTTP_HOST"
+    )
     http_port: int = setting(3001, port, doc="port of the health HTTP API")
+    http_token: str = setting(
+        "",
+        doc=(
+            "required when http_host is not a loopback address: the status page, /health, "
+            "/api/* and /metrics ask for it (Bearer, or Basic with it as the password)"
+        ),
+        secret=True,
+        env="DBKEEPER_HTTP_TOKEN",
+    )
     check_timeout_seconds: float = setting(10, seconds(), doc="a check slower than this fails")
     alert_repeat_seconds: float = setting(
         14400, seconds(), doc="remind the admins this often while a problem lasts"
@@ -182,6 +205,17 @@ class HealthSettings:
     integrity_interval_seconds: float = setting(
         3600, seconds(), doc="SQLite above quick_check_max_mb: quick_check this often"
     )
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if not is_loopback(self.http_host) and not self.http_token:
+            yield (
+                "http_token",
+                f"is required when http_host ({self.http_host}) is not a loopback address: "
+                "the operators' pages and metrics must not be open to the network (or set "
+                "DBKEEPER_HTTP_TOKEN)",
+            )
+        elif self.http_token and len(self.http_token) < 16:
+            yield "http_token", "must be at least 16 characters (e.g. `openssl rand -hex 16`)"
 
 
 @dataclass(frozen=True)
@@ -444,7 +478,11 @@ def _build_section(
         if problem:
             raise ConfigError(f"{where} = {_show(value, secret)}: {problem}")
         kwargs[key] = converted
-    return cls(**kwargs)
+    section = cls(**kwargs)
+    check_all = getattr(section, "problems", None)
+    for key, problem in check_all() if check_all is not None else ():
+        raise ConfigError(f"{label}: [{name}] {key}: {problem}")
+    return section
 
 
 def _convert(value: Any, hint: Any, where: str, secret: bool = False) -> Any:

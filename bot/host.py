@@ -17,7 +17,7 @@ from telegram.ext import Application, ContextTypes, JobQueue
 from dbkeeper.admin import AdminGuard
 from dbkeeper.alerts import Alerter
 from dbkeeper.config import Settings
-from dbkeeper.health import HealthRegistry, describe
+from dbkeeper.health import HealthRegistry, HealthReport, Status, describe
 from dbkeeper.http_api import HealthServer
 from dbkeeper.leadership import LeaderElection, SingleInstance
 from dbkeeper.logs import SECRETS
@@ -31,6 +31,7 @@ from dbkeeper.plugin import (
     PluginContext,
     StartupError,
 )
+from dbkeeper.systemd import SystemdNotifier
 from dbkeeper.telegram_check import TelegramAPICheck
 
 log = logging.getLogger("dbkeeper.host")
@@ -78,6 +79,8 @@ class Host:
         )
         self.alerts.standing_by = self._standing_by
         self.monitor.add_listener(self.alerts.observe)
+        self.systemd = SystemdNotifier()
+        self.monitor.add_listener(self._tell_systemd)
         self.metrics = Metrics(self.monitor, self.alerts)
         self.http = HealthServer(self)
         self.admin = AdminGuard(settings.telegram.admin_ids, settings.telegram.alert_chat_id)
@@ -137,6 +140,20 @@ class Host:
         if self.leadership.is_leader:
             return None
         return self.leadership.leader or "another instance"
+
+    def _tell_systemd(self, report: HealthReport) -> None:
+        """READY=1 at the moment ``/readyz`` would first answer 200."""
+        if self.state == "running" and not self.systemd.ready and not self.not_ready(report):
+            self.systemd.ready_now(f"{report.status.value}; {self.describe_instance()}")
+
+    def not_ready(self, report: HealthReport | None) -> dict[str, str]:
+        """The readiness checks that fail (check -> message); empty: ready (``/readyz``)."""
+        failing = {}
+        for name in self.health.readiness_names:
+            check = report.checks.get(name) if report is not None else None
+            if check is None or check.status is Status.UNHEALTHY:
+                failing[name] = check.message if check is not None else "not checked yet"
+        return failing
 
     def describe_instance(self) -> str:
         """Which instance answers and which one leads, for chat answers."""

@@ -14,12 +14,15 @@ checks produce them; the answers carry nothing else that could hold a secret.
 
 from __future__ import annotations
 
+import base64
 import errno
+import hmac
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from dbkeeper.health import HealthReport, Status
 from dbkeeper.http_guard import runner_options
@@ -30,13 +33,31 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dbkeeper.http")
 NO_STORE = {"Cache-Control": "no-store"}
+OPEN_PATHS = frozenset({"/livez", "/readyz"})  # probes: never behind the token
+
+
+def _authorized(request: web.Request, token: str) -> bool:
+    """``Authorization: Bearer TOKEN`` (Prometheus) or Basic with TOKEN as the password (a
+    browser's login prompt), compared in constant time."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        given = value.strip()
+    elif scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return False
+    else:
+        return False
+    return hmac.compare_digest(given.encode(), token.encode())
 
 
 class HealthServer:
     def __init__(self, host: Host) -> None:
         self.host = host
         self.settings = host.settings.health
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[self._operators_only])
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/api/health", self._health)
         self.app.router.add_get("/livez", self._livez)
@@ -116,16 +137,25 @@ class HealthServer:
     async def _readyz(self, _request: web.Request) -> web.Response:
         if self.host.state != "running":
             return web.json_response({"status": self.host.state}, status=503, headers=NO_STORE)
-        report = await self._report()
-        failing = {}
-        for name in self.host.health.readiness_names:
-            check = report.checks.get(name) if report is not None else None
-            if check is None or check.status is Status.UNHEALTHY:
-                failing[name] = check.message if check is not None else "not checked yet"
+        failing = self.host.not_ready(await self._report())
         if failing:
             body = {"status": "not ready", "checks": failing}
             return web.json_response(body, status=503, headers=NO_STORE)
         return web.json_response({"status": "ready"}, headers=NO_STORE)
+
+    @web.middleware
+    async def _operators_only(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        """With ``[health] http_token``: everything but the probes asks for it."""
+        token = self.settings.http_token
+        if not token or request.path in OPEN_PATHS or _authorized(request, token):
+            return await handler(request)
+        return web.json_response(
+            {"status": "unauthorized", "message": "this page needs [health] http_token"},
+            status=401,
+            headers={**NO_STORE, "WWW-Authenticate": 'Basic realm="dbkeeper", charset="UTF-8"'},
+        )
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         await self._report()  # fresh enough, like /health

@@ -17,6 +17,10 @@ Startup
      polling on the leader only (a standby starts polling when it takes over). Local mode (no
      token): one log line says so; nothing talks to Telegram and alerts go to the log.
 
+Under systemd (``NOTIFY_SOCKET``, deploy/systemd/dbkeeper.service) the watchdog is fed from
+the start, READY=1 is said the moment ``/readyz`` first answers 200, STOPPING=1 when the
+shutdown starts (``dbkeeper.systemd``).
+
 Running, until a signal arrives.
 
 Shutdown, within ``[shutdown] timeout_seconds`` (9 s: under ``docker stop``'s 10 s grace)
@@ -103,12 +107,21 @@ async def run(host: Host) -> int:
 
 
 async def _run(host: Host, stop: StopRequest) -> int:
+    host.systemd.start_watchdog()  # the loop turns during a long migration too
+    try:
+        return await _run_started(host, stop)
+    finally:
+        await host.systemd.stop_watchdog()
+
+
+async def _run_started(host: Host, stop: StopRequest) -> int:
     settings = host.settings
     # Startup 2-4: the HTTP API, the plugins (the database first), the health checks.
     try:
         await host.start()
     except StartupError as error:
         log.error("startup failed: %s", error)
+        host.systemd.stopping(f"startup failed: {error}")
         await _release_bot(host)
         return EXIT_STARTUP_FAILED
     # Everything imported and built so far lives until exit: keeping it out of the garbage
@@ -131,6 +144,7 @@ async def _run(host: Host, stop: StopRequest) -> int:
     await stop.event.wait()
 
     deadline = Deadline.after(settings.shutdown.timeout_seconds)
+    host.systemd.stopping()
     log.info("shutdown: budget %.1fs", settings.shutdown.timeout_seconds)
     if telegram is not None and not telegram.done():
         telegram.cancel()  # still retrying to reach Telegram: give up, we are stopping
