@@ -258,3 +258,47 @@ async def test_a_malformed_request_gets_400_and_one_quiet_log_line(
     protocol = [r for r in caplog.records if r.name.startswith("dbkeeper.http")]
     assert any("Error handling request" in r.getMessage() for r in protocol)
     assert "Traceback" not in caplog.text and "s3cr3t" not in caplog.text
+
+
+async def test_beyond_loopback_the_operators_routes_need_the_token(
+    sqlite_url: str, make_settings: SettingsFactory
+) -> None:
+    import base64
+
+    import aiohttp
+
+    token = "operators-only-0123456789abcdef"
+    settings = make_settings(
+        sqlite_url,
+        health={"http_port": free_port(), "http_host": "0.0.0.0", "http_token": token},
+    )
+    async with running_host(settings) as (host, _):
+        base = f"http://127.0.0.1:{host.http.port}"
+        basic = base64.b64encode(f"admin:{token}".encode()).decode()
+        async with aiohttp.ClientSession() as session:
+
+            async def status(path: str, authorization: str | None = None) -> tuple[int, str]:
+                headers = {"Authorization": authorization} if authorization else {}
+                async with session.get(base + path, headers=headers) as answer:
+                    return answer.status, await answer.text()
+
+            for path in ("/health", "/api/health", "/metrics"):
+                for wrong in (None, "Bearer nope", f"Bearer {token}x", "Basic !!!", "Token x"):
+                    code, text = await status(path, wrong)
+                    assert code == 401 and "dbkeeper_" not in text and "checks" not in text
+                assert (await status(path, f"Bearer {token}"))[0] == 200
+                assert (await status(path, f"Basic {basic}"))[0] == 200
+            for probe in ("/livez", "/readyz"):  # probes stay open
+                assert (await status(probe))[0] == 200
+
+
+def test_beyond_loopback_without_a_token_startup_refuses_with_one_line() -> None:
+    from dbkeeper.config import ConfigError, settings_from_mapping
+
+    for host in ("0.0.0.0", "10.0.0.5", "::"):
+        with pytest.raises(ConfigError, match="http_token: is required when http_host"):
+            settings_from_mapping({"health": {"http_host": host}}, environ={})
+    for host in ("127.0.0.1", "127.0.0.53", "::1", "localhost"):
+        settings_from_mapping({"health": {"http_host": host}}, environ={})
+    with pytest.raises(ConfigError, match="at least 16 characters"):
+        settings_from_mapping({"health": {"http_token": "short"}}, environ={})
