@@ -30,7 +30,7 @@ from .backup.engines.sqlite import SqliteBackupEngine
 from .backup.manifest import Backup
 from .backup.pipeline import Backups
 from .backup.restore import RestoreReport, keep_current, prepare, swap
-from .errors import BackupError, DatabaseError, MigrationError
+from .errors import BackupError, DatabaseError, MigrationError, MigrationInterrupted
 from .migrate.migrator import MigrationReport, Migrator
 from .migrate.revisions import Revision, Revisions, resolve_location
 from .migrate.validation import ValidationReport, merged_metadata
@@ -168,6 +168,11 @@ class Operations:
             else:
                 if status.current is None:
                     schema.refuse_unmanaged()
+                elif self.migrator.interrupted:  # a stop came while waiting: not even a backup
+                    raise MigrationInterrupted(
+                        f"stopped before migrating ({self.migrator.interrupted}); nothing was "
+                        "changed"
+                    )
                 else:
                     self._safety_backup("pre-migration", pending)
                 report = schema.upgrade(pending, status)
