@@ -389,14 +389,17 @@ class SchemaChange:
             what += f" (the database could not be reached: {self._unreachable})"
         return MigrationError(f"{what}. {advice}")
 
-    def _take_advisory(self) -> bool:
+    def _take_advisory(self, *, outage_is_wait: bool = False) -> bool:
         """One try at the advisory lock, on a new connection that becomes the migrating one.
-        A server that cannot be reached counts as "not yet" (the wait is bounded)."""
+
+        ``outage_is_wait``: a server that cannot be reached counts as "not yet" (taking a lost
+        lock again, in the middle of a migration: the wait is bounded by the lock timeout).
+        """
         assert self._advisory is not None
         try:
             connection = self.migrator.engine.connect()
         except sa_exc.DBAPIError as error:
-            if not is_transient(error):
+            if not (outage_is_wait and is_transient(error)):
                 raise
             if self._unreachable is None:
                 log.warning(
@@ -427,7 +430,7 @@ class SchemaChange:
         self._advisory.forget()
         self.connection = None
         acquire(
-            self._take_advisory,
+            lambda: self._take_advisory(outage_is_wait=True),
             holder=self._advisory.holder,
             timeout=self.migrator.settings.lock_timeout_seconds,
             on_wait=lambda holder: (
