@@ -21,12 +21,16 @@ pytestmark = pytest.mark.timeout(180)
 SHUTDOWN_BUDGET = 9.0  # [shutdown] timeout_seconds by default: under docker stop's 10 s
 
 
-def _config(tmp_path: Path, url: str, scripts_dir: Path) -> Path:
+def _config(tmp_path: Path, url: str, scripts_dir: Path, **migrations: object) -> Path:
     return write_config(
         tmp_path / "config.toml",
         {
             "database": {"url": url, "retry_backoff_seconds": [0.1]},
-            "migrations": {"script_location": str(scripts_dir), "lock_timeout_seconds": 120},
+            "migrations": {
+                "script_location": str(scripts_dir),
+                "lock_timeout_seconds": 120,
+                **migrations,
+            },
             "backup": {"dir": str(tmp_path / "backups")},
             "health": {"http_port": free_port()},
         },
@@ -315,3 +319,22 @@ def test_losing_the_migrating_session_never_applies_a_revision_twice(
         "SELECT pid, error FROM schema_migrations WHERE version = '0004' AND NOT success",
     )
     assert [pid for pid, _ in failed] == [a.pid]
+
+
+def test_pending_revisions_with_auto_upgrade_off_are_refused_once(
+    tmp_path: Path, database_url: str, scripts_dir: Path
+) -> None:
+    """[migrations] auto_upgrade = false and a revision pending: the bot does not start, with
+    one error naming the command that applies it, and changes nothing."""
+    config = _config(tmp_path, database_url, scripts_dir, auto_upgrade=False)
+    code, output = run_cli(["--config", str(config), "db", "migrate", "--to", "0002"], cwd=tmp_path)
+    assert code == 0, output
+    code, output = run_cli(["--config", str(config), "run"], cwd=tmp_path)
+    assert code == 1, output
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, output
+    assert "1 revision pending (v2 -> v3) and [migrations] auto_upgrade is off" in errors[0]
+    assert "run `dbkeeper db migrate` to apply them" in errors[0]
+    for wrong in ("critical tables are missing", "runs on v", "Traceback", "dbkeeper is running"):
+        assert wrong not in output
+    assert _query(database_url, "SELECT version_num FROM alembic_version") == [("0002",)]
