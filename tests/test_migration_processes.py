@@ -192,6 +192,10 @@ def test_sigterm_interrupts_a_long_revision_within_the_shutdown_budget(
     )
     assert [(attempt, success) for attempt, success, _ in rows] == [(1, False)]
     assert rows[0][2].startswith("interrupted: received SIGTERM")
+    code, history = run_cli(["--config", args[1], "db", "history"], cwd=tmp_path)
+    assert code == 0 and any(
+        " 0004 " in line and " interrupted " in line for line in history.splitlines()
+    ), history
 
     # The next start (the revision now counts briefly) applies it.
     if command == ["run"]:

@@ -23,6 +23,7 @@ from dbkeeper.plugins.database.errors import (
 )
 from dbkeeper.plugins.database.migrate.migrator import MigrationReport, Migrator
 from dbkeeper.plugins.database.migrate.revisions import Revision, Revisions, resolve_location
+from dbkeeper.plugins.database.operations import Operations
 from dbkeeper.plugins.database.service import DatabaseService
 from dbkeeper.plugins.members.models import metadata
 from tests.conftest import SettingsFactory
@@ -402,6 +403,35 @@ def test_interrupt_before_a_revision_starts_runs_nothing_of_it(opened) -> None:
         db.migrator.upgrade()
     assert db.migrator.status().current == "0001"
     assert db.rows("SELECT count(*) FROM schema_migrations") == [(1,)]  # 0001's only
+
+
+def test_interrupt_during_the_pre_migration_backup_applies_nothing(
+    sqlite_url: str, make_settings: SettingsFactory, scripts_dir: Path, caplog
+) -> None:
+    """Through ``Operations``, as the bot and `db migrate` run it: a stop while the safety
+    backup is taken ends the backup, and no revision starts."""
+    settings = make_settings(sqlite_url, migrations={"script_location": str(scripts_dir)})
+    ops = Operations(settings, metadata=metadata)
+    ops.database.connect()
+    ops.migrate("0002")
+
+    class InterruptOnBackup(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "(pre-migration) started" in record.getMessage():
+                ops.migrator.interrupt("test stop")
+
+    handler = InterruptOnBackup()
+    caplog.set_level(logging.INFO, logger="dbkeeper.backup")
+    logging.getLogger("dbkeeper.backup").addHandler(handler)
+    try:
+        with pytest.raises(MigrationInterrupted, match="while taking the pre-migration backup"):
+            ops.migrate()
+        assert ops.migrator.status().current == "0002"
+    finally:
+        logging.getLogger("dbkeeper.backup").removeHandler(handler)
+        ops.close()
+    assert ops.backups.list() == []
+    assert ops.migrator.attempts()[0].version == "0002"  # nothing recorded for 0003
 
 
 def _use_first_0003(scripts_dir: Path) -> Path:

@@ -220,9 +220,16 @@ class Operations:
         if not self.backups.available:
             log.info("not backing up first: %s", self.backups.engine.unavailable())
             return
-        try:
-            self.last_safety_backup = self.backups.create(reason, wait=True)
+        try:  # a stop request (a signal) stops the backup too: nothing is migrated then
+            self.last_safety_backup = self.backups.create(
+                reason, wait=True, stop=self.migrator.stop_requested
+            )
         except BackupError as error:
+            if self.migrator.interrupted:
+                raise MigrationInterrupted(
+                    f"stopped while taking the {reason} backup ({self.migrator.interrupted}); "
+                    "the schema was not changed"
+                ) from error
             what = (
                 f"applying {len(pending)} pending revision{'s' if len(pending) > 1 else ''}"
                 if pending

@@ -140,13 +140,13 @@ def history(obj: CliContext, limit: int) -> None:
     width = max(8, *(len(a.version) for a in attempts))
     click.echo(
         f"{'#':>4}  {'version':<{width}} {'direction':<9} {'try':>3}  {'started (UTC)':<19}  "
-        f"{'ms':>7}  {'result':<7} {'by':<20} description / error"
+        f"{'ms':>7}  {'result':<11} {'by':<20} description / error"
     )
     for a in attempts:
         detail = a.error if a.error else a.description
         click.echo(
             f"{a.id:>4}  {a.version:<{width}} {a.direction:<9} {a.attempt:>3}  "
-            f"{a.started_at:%Y-%m-%d %H:%M:%S}  {_ms(a.execution_ms):>7}  {a.status:<7} "
+            f"{a.started_at:%Y-%m-%d %H:%M:%S}  {_ms(a.execution_ms):>7}  {a.status:<11} "
             f"{(a.host + ':' + str(a.pid))[:20]:<20} {detail}"
         )
 

@@ -52,7 +52,7 @@ from ..locks import (
 from ..retry import RetryPolicy, describe_error, is_transient
 from ..settings import DatabaseSettings, MigrationSettings
 from .bookkeeping import BOOKKEEPING_TABLES
-from .history import Attempt, MigrationHistory, MigrationStats, utcnow
+from .history import INTERRUPTED, Attempt, MigrationHistory, MigrationStats, utcnow
 from .revisions import Revision, Revisions
 from .validation import ValidationReport, validate
 
@@ -130,6 +130,7 @@ class Migrator:
         self._guard = threading.Lock()  # the two below, between the migrating thread and others
         self._running: Any = None  # the driver connection of the revision running now
         self._interrupt_requested: str | None = None
+        self.stop_requested = threading.Event()  # set by interrupt: for the work around it
 
     # -- reading (no lock) -------------------------------------------------------------------------
 
@@ -259,6 +260,7 @@ class Migrator:
             if self._interrupt_requested is None:
                 self._interrupt_requested = why
             running = self._running
+        self.stop_requested.set()
         if running is None:
             return
         log.warning("interrupting the running revision (%s)", why)
@@ -662,7 +664,7 @@ class SchemaChange:
                 transient = is_transient(error) and not interrupted
                 retrying = transient and attempt < attempts
                 if interrupted:
-                    reason = f"interrupted: {interrupted}; the revision was rolled back"
+                    reason = f"{INTERRUPTED}{interrupted}; the revision was rolled back"
                 failure = {
                     "direction": direction,
                     "attempt": attempt,
