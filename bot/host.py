@@ -30,6 +30,7 @@ from dbkeeper.plugin import (
     Plugin,
     PluginContext,
     StartupError,
+    StartupInterrupted,
 )
 from dbkeeper.telegram_check import TelegramAPICheck
 
@@ -244,6 +245,8 @@ class Host:
             self.job_queue  # noqa: B018 - fails early, naming the missing job queue
             await self.http.start()
             for plugin in self.plugins:
+                if self._stop_deadline is not None:  # interrupted: start nothing more
+                    raise StartupInterrupted(f"stopped before plugin {plugin.name} started")
                 await plugin.start()
                 self._started.append(plugin)
             self._apply_publications()
