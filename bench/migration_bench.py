@@ -202,24 +202,29 @@ def migrate_0003(url: str, location: Path, limit: float) -> Outcome:
     return Outcome(time.perf_counter() - started, True, fingerprint(url))
 
 
+def remove_sqlite(path: Path) -> None:
+    """The database file and what SQLite and dbkeeper keep beside it."""
+    for suffix in ("", "-wal", "-shm", ".migrate.lock"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 def run_sqlite(users: int, limit: float, locations: dict[str, Path]) -> dict[str, Outcome]:
     seed = OUT / f"migration-{users}-v2.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{seed}{suffix}").unlink(missing_ok=True)
+    remove_sqlite(seed)
     url = f"sqlite:///{seed}"
     upgrade(migrator_for(url, locations["today"]), "0002")
     fill(url, users)
-    with sqlite3.connect(seed) as connection:
-        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    connection = sqlite3.connect(seed)
+    connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    connection.close()
     results = {}
     for variant, location in locations.items():
         copy = OUT / f"migration-{users}-{variant}.db"
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{copy}{suffix}").unlink(missing_ok=True)
+        remove_sqlite(copy)
         shutil.copyfile(seed, copy)
         results[variant] = migrate_0003(f"sqlite:///{copy}", location, limit)
-        copy.unlink()
-    seed.unlink()
+        remove_sqlite(copy)
+    remove_sqlite(seed)
     return results
 
 
