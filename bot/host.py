@@ -30,6 +30,7 @@ from dbkeeper.plugin import (
     Plugin,
     PluginContext,
     StartupError,
+    StartupInterrupted,
 )
 from dbkeeper.systemd import SystemdNotifier
 from dbkeeper.telegram_check import TelegramAPICheck
@@ -68,6 +69,7 @@ class Host:
         self.plugins: list[Plugin] = sorted(plugins, key=lambda plugin: plugin.order)
         self._started: list[Plugin] = []
         self.state: State = "starting"
+        self._stop_deadline: Deadline | None = None  # set by a stop requested while starting
         self._born = time.monotonic()
         self.instance = settings.instance.display_name
         self.leadership: LeaderElection = SingleInstance(self.instance)
@@ -260,14 +262,28 @@ class Host:
             self.job_queue  # noqa: B018 - fails early, naming the missing job queue
             await self.http.start()
             for plugin in self.plugins:
+                if self._stop_deadline is not None:  # interrupted: start nothing more
+                    raise StartupInterrupted(f"stopped before plugin {plugin.name} started")
                 await plugin.start()
                 self._started.append(plugin)
             self._apply_publications()
             self.state = "running"
             self.monitor.start(self.job_queue)
         except BaseException:
-            await self.stop(Deadline.after(self.settings.shutdown.timeout_seconds))
+            deadline = self._stop_deadline
+            await self.stop(deadline or Deadline.after(self.settings.shutdown.timeout_seconds))
             raise
+
+    async def interrupt(self, why: str, deadline: Deadline) -> None:
+        """A stop was requested while starting: every plugin is asked to give up its start
+        (the host does not know which one is busy, e.g. migrating); ``start`` then fails and
+        stops what it started by ``deadline``."""
+        self._stop_deadline = deadline
+        for plugin in self.plugins:
+            try:
+                await plugin.interrupt(why)
+            except Exception:
+                log.exception("plugin %s could not be interrupted", plugin.name)
 
     async def stop(self, deadline: Deadline) -> None:
         """Health checks stop, plugins stop in reverse order, queued alerts are delivered

@@ -21,6 +21,14 @@ Under systemd (``NOTIFY_SOCKET``, deploy/systemd/dbkeeper.service) the watchdog 
 the start, READY=1 is said the moment ``/readyz`` first answers 200, STOPPING=1 when the
 shutdown starts (``dbkeeper.systemd``).
 
+A signal while starting (steps 2-4; e.g. during a migration that runs for minutes) does not
+wait for the start to finish: every plugin is asked to give up (``Plugin.interrupt``; the
+database plugin cancels the running revision's statement, rolls it back and records the
+attempt as interrupted), then what had started stops in the order below, within the same
+budget. Exit status 0: the stop was asked for and done cleanly (the log says what was
+interrupted; the next start applies the revision). A start that fails for any other reason
+exits 1, as before.
+
 Running, until a signal arrives.
 
 Shutdown, within ``[shutdown] timeout_seconds`` (9 s: under ``docker stop``'s 10 s grace)
@@ -42,12 +50,13 @@ import asyncio
 import gc
 import logging
 import signal
+import time
 from urllib.parse import urlsplit
 
 from telegram.error import InvalidToken, TelegramError
 
 from dbkeeper.host import Host
-from dbkeeper.plugin import Deadline, StartupError
+from dbkeeper.plugin import Deadline, StartupError, StartupInterrupted
 
 log = logging.getLogger("dbkeeper.lifecycle")
 EXIT_OK = 0
@@ -62,11 +71,24 @@ class StopRequest:
         self.event = asyncio.Event()
         self.signal_name: str | None = None
         self.failed = False  # set when a fatal error (not a signal) requested the stop
+        self.at: float | None = None  # when (monotonic) the stop was requested
 
     def fail(self, reason: str) -> None:
         log.error("%s", reason)
         self.failed = True
+        self._request()
+
+    def _request(self) -> None:
+        self.at = time.monotonic()
         self.event.set()
+
+    @property
+    def reason(self) -> str:
+        return f"received {self.signal_name}" if self.signal_name else "a fatal error"
+
+    def deadline(self, budget: float) -> Deadline:
+        """The shutdown deadline: ``budget`` seconds from the request."""
+        return Deadline((self.at if self.at is not None else time.monotonic()) + budget)
 
     def install(self) -> None:
         loop = asyncio.get_running_loop()
@@ -85,7 +107,7 @@ class StopRequest:
             return
         self.signal_name = name
         log.info("received %s: shutting down", name)
-        self.event.set()
+        self._request()
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait for a request (at most ``timeout`` seconds); True if one arrived."""
@@ -116,36 +138,44 @@ async def _run(host: Host, stop: StopRequest) -> int:
 
 async def _run_started(host: Host, stop: StopRequest) -> int:
     settings = host.settings
-    # Startup 2-4: the HTTP API, the plugins (the database first), the health checks.
+    budget = settings.shutdown.timeout_seconds
+    # Startup 2-4: the HTTP API, the plugins (the database first), the health checks; a
+    # signal meanwhile interrupts them.
     try:
-        await host.start()
+        await _start(host, stop, budget)
+    except StartupInterrupted as error:
+        log.warning("startup interrupted: %s", error)
+        await _release_bot(host)
+        log.info("shutdown complete")
+        return EXIT_OK
     except StartupError as error:
         log.error("startup failed: %s", error)
         host.systemd.stopping(f"startup failed: {error}")
         await _release_bot(host)
         return EXIT_STARTUP_FAILED
-    # Everything imported and built so far lives until exit: keeping it out of the garbage
-    # collector's way shortens its pauses (bench/README.md: a 61 ms stall became 14 ms).
-    gc.freeze()
-    # Startup 5: scheduled work.
-    await host.job_queue.start()
-    # Startup 6: Telegram, or say once that there is none.
     telegram: asyncio.Task[None] | None = None
-    if host.telegram_enabled:
-        telegram = asyncio.create_task(_start_telegram(host, stop), name="dbkeeper-telegram")
-        telegram.add_done_callback(lambda task: _telegram_start_failed(task, stop))
-    else:
-        log.info(
-            "local mode: no Telegram token ([telegram] token or TELEGRAM_BOT_TOKEN), so chat "
-            "commands and Telegram alerts are off; the database plugin runs as usual"
-        )
-    log.info("dbkeeper is running; SIGINT or SIGTERM stops it gracefully")
+    if not stop.event.is_set():  # a signal that came too late to interrupt the start
+        # Everything imported and built so far lives until exit: keeping it out of the garbage
+        # collector's way shortens its pauses (bench/README.md: a 61 ms stall became 14 ms).
+        gc.freeze()
+        # Startup 5: scheduled work.
+        await host.job_queue.start()
+        # Startup 6: Telegram, or say once that there is none.
+        if host.telegram_enabled:
+            telegram = asyncio.create_task(_start_telegram(host, stop), name="dbkeeper-telegram")
+            telegram.add_done_callback(lambda task: _telegram_start_failed(task, stop))
+        else:
+            log.info(
+                "local mode: no Telegram token ([telegram] token or TELEGRAM_BOT_TOKEN), so "
+                "chat commands and Telegram alerts are off; the database plugin runs as usual"
+            )
+        log.info("dbkeeper is running; SIGINT or SIGTERM stops it gracefully")
 
     await stop.event.wait()
 
-    deadline = Deadline.after(settings.shutdown.timeout_seconds)
+    deadline = stop.deadline(budget)
     host.systemd.stopping()
-    log.info("shutdown: budget %.1fs", settings.shutdown.timeout_seconds)
+    log.info("shutdown: budget %.1fs", deadline.remaining())
     if telegram is not None and not telegram.done():
         telegram.cancel()  # still retrying to reach Telegram: give up, we are stopping
     application = host.application
@@ -169,6 +199,22 @@ async def _run_started(host: Host, stop: StopRequest) -> int:
     await _release_bot(host)
     log.info("shutdown complete")
     return EXIT_STARTUP_FAILED if stop.failed else EXIT_OK
+
+
+async def _start(host: Host, stop: StopRequest, budget: float) -> None:
+    """``host.start()``; a stop requested meanwhile interrupts the plugins' start instead of
+    waiting for it (a migration can run for minutes), with the shutdown budget counted from
+    the request."""
+    starting = asyncio.ensure_future(host.start())
+    requested = asyncio.ensure_future(stop.event.wait())
+    try:
+        await asyncio.wait({starting, requested}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("shutdown: interrupting the start (%s)", stop.reason)
+            await host.interrupt(stop.reason, stop.deadline(budget))
+        await starting
+    finally:
+        requested.cancel()
 
 
 async def _start_telegram(host: Host, stop: StopRequest) -> None:

@@ -7,6 +7,9 @@ sub-commands, and three steps the host calls in this order:
     Register what it offers: health checks, metrics, jobs, chat handlers, HTTP routes. No I/O.
 ``start()``
     Become ready (connect, migrate, schedule). Raise :class:`StartupError` to stop startup.
+``interrupt(why)``
+    Only while ``start`` runs, when a stop is requested (SIGINT/SIGTERM): make ``start`` give
+    up soon, raising :class:`StartupInterrupted` (a running migration is rolled back).
 ``stop(deadline)``
     Finish work and release resources before ``deadline``.
 
@@ -67,6 +70,10 @@ class StartupError(OperatorError):
     """A plugin could not start; the message says what happened and what to do."""
 
 
+class StartupInterrupted(StartupError):
+    """A plugin gave up starting because a stop was requested (see ``Plugin.interrupt``)."""
+
+
 class Plugin:
     """Base class of plugins; subclasses set the class attributes and override the steps."""
 
@@ -96,7 +103,8 @@ class Plugin:
         """Become ready: connect, migrate, schedule. Raise ``StartupError`` to stop startup."""
 
     async def interrupt(self, why: str) -> None:
-        """A stop was requested while ``start`` runs: make it give up soon (``why`` says why)."""
+        """A stop was requested while ``start`` runs: make it give up soon (``why`` says why),
+        raising ``StartupInterrupted``. Called on the event loop; must not block."""
 
     async def stop(self, deadline: Deadline) -> None:
         """Finish work and release resources before ``deadline``."""
@@ -272,4 +280,11 @@ class PluginContext:
         return self._host.describe_instance()
 
 
-__all__ = ["Deadline", "OperatorError", "Plugin", "PluginContext", "StartupError"]
+__all__ = [
+    "Deadline",
+    "OperatorError",
+    "Plugin",
+    "PluginContext",
+    "StartupError",
+    "StartupInterrupted",
+]

@@ -200,10 +200,9 @@ def test_the_containers_command_as_pid_1_stops_gracefully_with_a_final_backup(
     program = ["unshare", "--pid", "--fork", "--mount-proc"]
     with BotProcess(command, cwd=data, env=env, program=program) as bot:
         pid1 = _child_of(bot.pid)
-        assert Path(f"/proc/{pid1}/status").read_text().count("NSpid:") == 1
-        namespace_pid = Path(f"/proc/{pid1}/status").read_text().split("NSpid:")[1].split()[-1]
-        assert namespace_pid == "1"  # dbkeeper is PID 1, as in a container
         bot.wait_for_line("dbkeeper is running")
+        pids = Path(f"/proc/{pid1}/status").read_text().split("NSpid:")[1].splitlines()[0].split()
+        assert pids == [str(pid1), "1"]  # dbkeeper is PID 1 in its namespace, as in a container
         # The image's HEALTHCHECK, as Docker runs it (on the port configured here).
         probe = json.loads(docker["HEALTHCHECK"].split(" CMD ", 1)[1])
         probe = [p.replace("3001", str(port)) for p in probe]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,15 +15,24 @@ from sqlalchemy import Connection, inspect, text
 
 from dbkeeper.config import Settings
 from dbkeeper.plugins.database.engines import SQLITE_BEGIN
-from dbkeeper.plugins.database.errors import MigrationError, SchemaTooNew, UnmanagedDatabase
+from dbkeeper.plugins.database.errors import (
+    MigrationError,
+    MigrationInterrupted,
+    SchemaTooNew,
+    UnmanagedDatabase,
+)
 from dbkeeper.plugins.database.migrate.migrator import MigrationReport, Migrator
 from dbkeeper.plugins.database.migrate.revisions import Revision, Revisions, resolve_location
+from dbkeeper.plugins.database.operations import Operations
 from dbkeeper.plugins.database.service import DatabaseService
 from dbkeeper.plugins.members.models import metadata
 from tests.conftest import SettingsFactory
-from tests.support.revisions import ADD_NOTES, BROKEN, add_revision
+from tests.support.revisions import ADD_NOTES, BROKEN, FOREVER, LONG, add_revision
 
 HEAD_TABLES = {"users", "chats", "chat_settings", "events"}
+REPO = Path(__file__).resolve().parent.parent
+# The first version of revision 0003 (a subquery per user), as databases may have applied it.
+USER_ACTIVITY_V1 = REPO / "bench" / "revisions" / "0003_user_activity_v1.py"
 
 
 class Steps:
@@ -341,6 +352,200 @@ def test_a_new_revision_is_applied_on_top(opened, scripts_dir: Path) -> None:
     assert [s.revision.id for s in migrator.upgrade().steps] == ["0004"]
     assert "notes" in db.tables()
     migrator.close()
+
+
+def test_interrupt_cancels_the_running_statement_rolls_back_and_records_it(
+    opened, scripts_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From another thread (as a signal handler does): the long statement is cancelled by the
+    database, the revision rolled back, the attempt recorded as interrupted."""
+    db = opened()
+    db.migrator.upgrade()
+    add_revision(scripts_dir, LONG, doc="long")
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    monkeypatch.setenv("DBKEEPER_GATE_DIR", str(gate))
+    monkeypatch.setenv("DBKEEPER_LONG_ROWS", FOREVER)
+    migrator = make_migrator(db.settings)
+    outcome: list[BaseException] = []
+
+    def upgrade() -> None:
+        try:
+            migrator.upgrade()
+        except BaseException as error:
+            outcome.append(error)
+
+    worker = threading.Thread(target=upgrade)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not any(gate.iterdir()):
+        assert time.monotonic() < deadline, "the revision never started"
+        time.sleep(0.01)
+    migrator.interrupt("test stop")
+    worker.join(10)
+    assert not worker.is_alive(), "the statement was not cancelled"
+    migrator.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], MigrationInterrupted)
+    assert "0004 (long) was interrupted (test stop) and rolled back" in str(outcome[0])
+    assert db.migrator.status().current == "0003"
+    assert db.rows("SELECT count(*) FROM chats WHERE id = 4343") == [(0,)]
+    rows = db.rows("SELECT success, error FROM schema_migrations WHERE version = '0004'")
+    assert [(bool(s), e) for s, e in rows] == [
+        (False, "interrupted: test stop; the revision was rolled back")
+    ]
+
+
+def test_interrupt_before_a_revision_starts_runs_nothing_of_it(opened) -> None:
+    db = opened()
+    db.migrator.upgrade("0001")
+    db.migrator.interrupt("test stop")
+    with pytest.raises(MigrationInterrupted, match="stopped before applying revision 0002"):
+        db.migrator.upgrade()
+    assert db.migrator.status().current == "0001"
+    assert db.rows("SELECT count(*) FROM schema_migrations") == [(1,)]  # 0001's only
+
+
+def test_interrupt_during_the_pre_migration_backup_applies_nothing(
+    sqlite_url: str, make_settings: SettingsFactory, scripts_dir: Path, caplog
+) -> None:
+    """Through ``Operations``, as the bot and `db migrate` run it: a stop while the safety
+    backup is taken ends the backup, and no revision starts."""
+    settings = make_settings(sqlite_url, migrations={"script_location": str(scripts_dir)})
+    ops = Operations(settings, metadata=metadata)
+    ops.database.connect()
+    ops.migrate("0002")
+
+    class InterruptOnBackup(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "(pre-migration) started" in record.getMessage():
+                ops.migrator.interrupt("test stop")
+
+    handler = InterruptOnBackup()
+    caplog.set_level(logging.INFO, logger="dbkeeper.backup")
+    logging.getLogger("dbkeeper.backup").addHandler(handler)
+    try:
+        with pytest.raises(MigrationInterrupted, match="while taking the pre-migration backup"):
+            ops.migrate()
+        assert ops.migrator.status().current == "0002"
+    finally:
+        logging.getLogger("dbkeeper.backup").removeHandler(handler)
+        ops.close()
+    assert ops.backups.list() == []
+    assert ops.migrator.attempts()[0].version == "0002"  # nothing recorded for 0003
+
+
+def _use_first_0003(scripts_dir: Path) -> Path:
+    """Put the first version of 0003 in place of today's; returns today's file (moved aside)."""
+    today = scripts_dir / "versions" / "0003_user_activity.py"
+    kept = scripts_dir / "0003_user_activity.today"
+    today.rename(kept)
+    today.write_bytes(USER_ACTIVITY_V1.read_bytes())
+    return kept
+
+
+def _seed_activity(db: Opened) -> None:
+    """Users with many, one and no events; events without a user; ties; several chats."""
+    with db.database.connection() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO users (id, first_name) VALUES "
+                "(1, 'many'), (2, 'one'), (3, 'none'), (4, 'tie'), (5, 'other chats')"
+            )
+        )
+        connection.execute(
+            text("INSERT INTO chats (id, type) VALUES (10, 'group'), (11, 'private')")
+        )
+        events = [
+            (10, 1, "2026-01-01 10:00:00"),
+            (10, 1, "2026-03-01 09:30:00"),
+            (11, 1, "2026-02-01 23:59:59"),
+            (10, 2, "2026-01-15 12:00:00"),
+            (10, None, "2026-12-31 00:00:00"),  # no user: nobody's last-seen
+            (10, 4, "2026-05-05 05:05:05"),
+            (11, 4, "2026-05-05 05:05:05"),
+            (11, 5, "2025-12-31 23:00:00"),
+            (10, 5, "2026-07-01 08:00:00"),
+        ]
+        for chat, user, at in events:
+            connection.execute(
+                text(
+                    "INSERT INTO events (chat_id, user_id, kind, created_at) "
+                    "VALUES (:chat, :user, 'message', :at)"
+                ),
+                {"chat": chat, "user": user, "at": at},
+            )
+
+
+def test_rewritten_0003_gives_what_its_first_version_gave(opened, scripts_dir: Path) -> None:
+    """The same data migrated by the first 0003 and by today's: the same rows and schema."""
+    revision = scripts_dir / "versions" / "0003_user_activity.py"
+    today = _use_first_0003(scripts_dir)
+    results = []
+    for version in ("first", "today"):
+        if version == "today":
+            revision.write_bytes(today.read_bytes())
+        db = opened()
+        db.migrator.upgrade("0002")
+        _seed_activity(db)
+        db.migrator.upgrade()
+        assert db.migrator.validate().drift == []
+        schema = inspect(db.database.engine)
+        results.append(
+            (
+                db.rows("SELECT id, is_blocked, last_seen_at FROM users ORDER BY id"),
+                [(c["name"], str(c["type"]), c["nullable"]) for c in schema.get_columns("users")],
+                sorted((i["name"], tuple(i["column_names"])) for i in schema.get_indexes("users")),
+            )
+        )
+        db.migrator.downgrade("base")
+    assert results[0] == results[1]
+    seen = {user: str(at)[:19] if at is not None else None for user, _, at in results[1][0]}
+    assert seen == {
+        1: "2026-03-01 09:30:00",
+        2: "2026-01-15 12:00:00",
+        3: None,
+        4: "2026-05-05 05:05:05",
+        5: "2026-07-01 08:00:00",
+    }
+
+
+def test_rewrite_declaring_the_old_checksum_is_not_reported_as_changed(
+    opened, scripts_dir: Path
+) -> None:
+    """A database that applied the first 0003 is not warned about today's, which declares the
+    first one's checksum; a change that declares nothing still is."""
+    today = _use_first_0003(scripts_dir)
+    db = opened()
+    db.migrator.upgrade()
+    first = hashlib.sha256(USER_ACTIVITY_V1.read_bytes()).hexdigest()
+    assert db.rows("SELECT checksum FROM schema_migrations WHERE version = '0003'") == [(first,)]
+
+    revision = scripts_dir / "versions" / "0003_user_activity.py"
+    revision.write_bytes(today.read_bytes())
+    migrator = make_migrator(db.settings)
+    assert first in migrator.revisions.by_id()["0003"].supersedes
+    report = migrator.validate()
+    assert report.changed_revisions == [] and report.ok
+
+    # Applied again from today's file, then edited without declaring it: reported, with what
+    # to add should the edit be meant.
+    migrator.downgrade("0002")
+    migrator.upgrade()
+    applied = migrator.revisions.by_id()["0003"].checksum
+    revision.write_text(revision.read_text() + "\n# edited after it was applied\n")
+    report = make_migrator(db.settings).validate()
+    assert len(report.changed_revisions) == 1
+    warning = report.changed_revisions[0]
+    assert warning.startswith("revision 0003 changed since it was applied")
+    assert f"add '{applied}' to supersedes_checksums in 0003_user_activity.py" in warning
+    migrator.close()
+
+
+def test_supersedes_checksums_must_be_checksums(opened, scripts_dir: Path) -> None:
+    path = add_revision(scripts_dir, ADD_NOTES, doc="add notes")
+    path.write_text(path.read_text() + '\nsupersedes_checksums = ("51d6394a",)\n')
+    with pytest.raises(MigrationError, match="supersedes_checksums must be a tuple of sha256"):
+        make_migrator(opened().settings).status()
 
 
 def _hold_write_lock(database: DatabaseService) -> Connection:

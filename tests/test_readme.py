@@ -104,7 +104,7 @@ def test_the_alembic_revision_command_writes_the_next_numbered_revision(tmp_path
 
 
 def test_the_backup_list_illustration_has_the_real_header(tmp_path: Path) -> None:
-    shown = block("illustration").text.splitlines()
+    shown = block("illustration", "backup-list").text.splitlines()
     write_config(tmp_path / "config.toml", {"backup": {"dir": str(tmp_path / "backups")}})
     assert run_cli(["db", "migrate"], cwd=tmp_path)[0] == 0
     assert run_cli(["backup", "create"], cwd=tmp_path)[0] == 0

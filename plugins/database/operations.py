@@ -30,7 +30,7 @@ from .backup.engines.sqlite import SqliteBackupEngine
 from .backup.manifest import Backup
 from .backup.pipeline import Backups
 from .backup.restore import RestoreReport, keep_current, prepare, swap
-from .errors import BackupError, DatabaseError, MigrationError
+from .errors import BackupError, DatabaseError, MigrationError, MigrationInterrupted
 from .migrate.migrator import MigrationReport, Migrator
 from .migrate.revisions import Revision, Revisions, resolve_location
 from .migrate.validation import ValidationReport, merged_metadata
@@ -168,6 +168,11 @@ class Operations:
             else:
                 if status.current is None:
                     schema.refuse_unmanaged()
+                elif self.migrator.interrupted:  # a stop came while waiting: not even a backup
+                    raise MigrationInterrupted(
+                        f"stopped before migrating ({self.migrator.interrupted}); nothing was "
+                        "changed"
+                    )
                 else:
                     self._safety_backup("pre-migration", pending)
                 report = schema.upgrade(pending, status)
@@ -215,9 +220,16 @@ class Operations:
         if not self.backups.available:
             log.info("not backing up first: %s", self.backups.engine.unavailable())
             return
-        try:
-            self.last_safety_backup = self.backups.create(reason, wait=True)
+        try:  # a stop request (a signal) stops the backup too: nothing is migrated then
+            self.last_safety_backup = self.backups.create(
+                reason, wait=True, stop=self.migrator.stop_requested
+            )
         except BackupError as error:
+            if self.migrator.interrupted:
+                raise MigrationInterrupted(
+                    f"stopped while taking the {reason} backup ({self.migrator.interrupted}); "
+                    "the schema was not changed"
+                ) from error
             what = (
                 f"applying {len(pending)} pending revision{'s' if len(pending) > 1 else ''}"
                 if pending

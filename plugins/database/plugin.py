@@ -16,13 +16,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from dbkeeper.config import Settings
-from dbkeeper.plugin import Deadline, Plugin, PluginContext, StartupError
+from dbkeeper.plugin import Deadline, Plugin, PluginContext, StartupError, StartupInterrupted
 
 from .backup.engines.base import Progress
 from .backup.manifest import Backup
 from .backup.restore import RestoreReport
 from .backup.retention import ROUTINE_REASONS
-from .errors import BackupError, BackupInProgress, DatabaseError
+from .errors import BackupError, BackupInProgress, DatabaseError, MigrationInterrupted
 from .handle import BOT_DATA_KEY, Database
 from .leadership import Leadership
 from .operations import Operations
@@ -131,9 +131,11 @@ class DatabasePlugin(Plugin):
             await asyncio.to_thread(ops.open)
         except DatabaseError as error:
             await asyncio.to_thread(ops.close)
+            interrupted = isinstance(error, MigrationInterrupted)
             if self.context is not None:  # delivered before the process exits (Host.stop)
-                await self.context.alert(f"startup failed: {error}", key="startup")
-            raise StartupError(str(error)) from error
+                what = "startup interrupted" if interrupted else "startup failed"
+                await self.context.alert(f"{what}: {error}", key="startup")
+            raise (StartupInterrupted if interrupted else StartupError)(str(error)) from error
         await asyncio.to_thread(report_foreign_engines)
         if self.leadership is not None and self.context is not None:
             await self.leadership.start()
@@ -143,7 +145,8 @@ class DatabasePlugin(Plugin):
         self._start_backups()
 
     async def interrupt(self, why: str) -> None:
-        """A stop was requested while starting: interrupt a running migration."""
+        """A stop was requested while starting: a lock wait gives up, a running revision is
+        cancelled and rolled back (``Migrator.interrupt``; returns at once)."""
         if self.ops is not None:
             self.ops.migrator.interrupt(why)
 

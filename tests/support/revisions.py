@@ -77,3 +77,31 @@ def add_revision(
     path = scripts_dir / "versions" / f"{rev}_{doc.replace(' ', '_')}.py"
     path.write_text(_HEADER.format(rev=rev, down=down, doc=doc) + body)
     return path
+
+# A statement that runs for hours unless it is interrupted: real work for the database (a
+# counter SQLite or PostgreSQL steps through row by row), not a sleep in Python. Before it, a
+# marker row (rolled back with the revision) and, with DBKEEPER_GATE_DIR, an "entered-PID" file.
+# DBKEEPER_LONG_ROWS sets how far it counts (default: a few milliseconds' worth).
+LONG = """
+
+def upgrade() -> None:
+    op.execute("INSERT INTO chats (id, type, title) VALUES (4343, 'private', 'long')")
+    rows = int(os.environ.get("DBKEEPER_LONG_ROWS", "1000"))
+    gate = os.environ.get("DBKEEPER_GATE_DIR")
+    if gate:
+        pathlib.Path(gate, f"entered-{os.getpid()}").touch()
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(f"SELECT count(*) FROM (SELECT generate_series(1, {rows}::bigint)) AS spin")
+    else:
+        op.execute(
+            "WITH RECURSIVE spin(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM spin "
+            f"WHERE n < {rows}) SELECT count(*) FROM spin"
+        )
+
+
+def downgrade() -> None:
+    op.execute("DELETE FROM chats WHERE id = 4343")
+"""
+
+# How far LONG counts when a test wants it to run until interrupted (hours on either engine).
+FOREVER = str(10**13)

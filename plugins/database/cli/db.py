@@ -6,16 +6,19 @@ Thin: each verb parses, calls ``Operations``, and prints. Read-only verbs (``sta
 
 from __future__ import annotations
 
-import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from typing import TypeVar
 
 import click
 
 from dbkeeper.cli.context import CliContext, fails_plainly
 
 from ..operations import Operations
+
+T = TypeVar("T")
 
 
 def operations(obj: CliContext, *, existing: bool = False) -> Operations:
@@ -27,16 +30,24 @@ def operations(obj: CliContext, *, existing: bool = False) -> Operations:
     return ops
 
 
-@contextlib.contextmanager
-def interruptible(ops: Operations) -> Iterator[None]:
-    """SIGINT/SIGTERM interrupt a running revision (rolled back, recorded as interrupted)."""
+def interruptibly(ops: Operations, work: Callable[[], T]) -> T:
+    """Run ``work`` (a schema change) while SIGINT/SIGTERM interrupt it: a running revision is
+    cancelled, rolled back and recorded as interrupted, and ``work`` raises
+    ``MigrationInterrupted`` (one line, exit status 1).
+
+    ``work`` runs on a worker thread: Python runs signal handlers on the main thread only, and
+    only between bytecodes, so a main thread inside a long SQLite statement would see the
+    signal once the statement had finished. The main thread just waits (a wait that signals
+    do break into).
+    """
 
     def handler(signum: int, _frame: object) -> None:
         ops.migrator.interrupt(f"received {signal.Signals(signum).name}")
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        with ThreadPoolExecutor(1, thread_name_prefix="dbkeeper-migrate") as pool:
+            return pool.submit(work).result()
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -96,8 +107,7 @@ def migrate(obj: CliContext, target: str) -> None:
     ops = operations(obj)
     ops.database.connect()
     try:
-        with interruptible(ops):
-            report = ops.migrate(target)
+        report = interruptibly(ops, lambda: ops.migrate(target))
         ops.validate()
     finally:
         ops.close()
@@ -108,6 +118,9 @@ def migrate(obj: CliContext, target: str) -> None:
         )
     else:
         click.echo(f"nothing to apply; schema is at v{report.to_version}")
+    if report.done_elsewhere:
+        ids = ", ".join(revision.id for revision in report.done_elsewhere)
+        click.echo(f"applied by another instance while this one waited: {ids}")
 
 
 @db.command()
@@ -127,13 +140,13 @@ def history(obj: CliContext, limit: int) -> None:
     width = max(8, *(len(a.version) for a in attempts))
     click.echo(
         f"{'#':>4}  {'version':<{width}} {'direction':<9} {'try':>3}  {'started (UTC)':<19}  "
-        f"{'ms':>7}  {'result':<7} {'by':<20} description / error"
+        f"{'ms':>7}  {'result':<11} {'by':<20} description / error"
     )
     for a in attempts:
         detail = a.error if a.error else a.description
         click.echo(
             f"{a.id:>4}  {a.version:<{width}} {a.direction:<9} {a.attempt:>3}  "
-            f"{a.started_at:%Y-%m-%d %H:%M:%S}  {_ms(a.execution_ms):>7}  {a.status:<7} "
+            f"{a.started_at:%Y-%m-%d %H:%M:%S}  {_ms(a.execution_ms):>7}  {a.status:<11} "
             f"{(a.host + ':' + str(a.pid))[:20]:<20} {detail}"
         )
 
@@ -155,8 +168,7 @@ def downgrade(obj: CliContext, revision: str, yes: bool) -> None:
                 f"{revision}? Reverting can drop tables and columns with their data",
                 abort=True,
             )
-        with interruptible(ops):
-            report = ops.downgrade(revision)
+        report = interruptibly(ops, lambda: ops.downgrade(revision))
     finally:
         ops.close()
     if report.steps:

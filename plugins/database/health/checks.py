@@ -46,6 +46,7 @@ from dbkeeper.plugin import PluginContext
 from dbkeeper.texts import MB, duration, megabytes
 
 from ..backup.pipeline import Backups
+from ..errors import DatabaseMissing
 from ..migrate.history import Attempt, MigrationStats
 from ..migrate.migrator import MigrationStatus, Migrator
 from ..retry import describe_error
@@ -346,6 +347,11 @@ class DatabaseHealth:
         interrupter = Interrupter()
 
         def run() -> T:
+            if not self.database.exists():  # the probe never creates one; say why it fails
+                raise DatabaseMissing(
+                    f"there is no database at {self.database.file} yet; `dbkeeper run` or "
+                    "`dbkeeper db migrate` creates it"
+                )
             with self.probe.connect(interrupter) as connection:
                 return work(connection)
 
@@ -378,4 +384,6 @@ def _free_bytes(directory: Path) -> int:
 
 
 def _reason(error: BaseException) -> str:
+    if isinstance(error, DatabaseMissing):
+        return str(error)
     return describe_error(error, limit=400)

@@ -18,6 +18,8 @@ from sqlalchemy import Connection, func, insert, select, update
 
 from .bookkeeping import HISTORY_TABLE, bookkeeping_metadata, schema_migrations
 
+INTERRUPTED = "interrupted: "  # how the error of an interrupted attempt begins
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -52,7 +54,9 @@ class Attempt:
     def status(self) -> str:
         if self.success is None:
             return "running"
-        return "ok" if self.success else "failed"
+        if self.success:
+            return "ok"
+        return "interrupted" if (self.error or "").startswith(INTERRUPTED) else "failed"
 
     @classmethod
     def from_row(cls, row: Any) -> Attempt:
@@ -176,7 +180,7 @@ class MigrationHistory:
                     success=False,
                     finished_at=utcnow(),
                     error=(
-                        f"interrupted: the process (pid {attempt.pid} on {attempt.host}) stopped "
+                        f"{INTERRUPTED}the process (pid {attempt.pid} on {attempt.host}) stopped "
                         "before the revision finished; its changes were rolled back"
                     ),
                 )

@@ -12,6 +12,13 @@ connection: if the connection is lost, so is the lock, and no statement can run 
 the retry reconnects, takes the lock again (waiting if another instance got it) and looks at
 what is left to do before doing anything (never a revision applied twice).
 
+Interrupting (``Migrator.interrupt``, from a signal handler or the event loop): a lock wait
+gives up, a revision not started yet does not start, and the statement of the running one is
+cancelled (SQLite's ``interrupt``, a PostgreSQL cancel request; repeated until the revision has
+stopped, so a statement that had not reached the database yet is cancelled too, and refused
+outright once the request is in). Its transaction rolls back and the attempt is recorded as
+interrupted.
+
 Alembic's ``command`` module keeps its state in module globals, so within a process only one
 thread may change a schema at a time (``_SCHEMA_CHANGES``, held around the cross-process lock).
 """
@@ -31,6 +38,7 @@ from typing import Any
 from alembic import command
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, MetaData, event, inspect
+from sqlalchemy import exc as sa_exc
 
 from ..engines import SQLITE_BEGIN, adopting, create_database_engine, database_url
 from ..errors import MigrationError, MigrationInterrupted, SchemaTooNew, UnmanagedDatabase
@@ -44,12 +52,15 @@ from ..locks import (
 from ..retry import RetryPolicy, describe_error, is_transient
 from ..settings import DatabaseSettings, MigrationSettings
 from .bookkeeping import BOOKKEEPING_TABLES
-from .history import Attempt, MigrationHistory, MigrationStats, utcnow
+from .history import INTERRUPTED, Attempt, MigrationHistory, MigrationStats, utcnow
 from .revisions import Revision, Revisions
 from .validation import ValidationReport, validate
 
 log = logging.getLogger("dbkeeper.migrations")
 _SCHEMA_CHANGES = threading.Lock()
+# An interrupted revision's statement is cancelled again after these pauses (doubling) until
+# the revision has stopped.
+CANCEL_REPEAT_SECONDS = (0.05, 1.0)
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,8 @@ class MigrationReport:
     to_version: int
     steps: list[AppliedStep] = field(default_factory=list)
     interrupted: list[Attempt] = field(default_factory=list)
+    # applied by another instance while this one waited for a lost lock
+    done_elsewhere: list[Revision] = field(default_factory=list)
 
     @property
     def total_ms(self) -> int:
@@ -114,8 +127,10 @@ class Migrator:
         self.retry = RetryPolicy(settings.retries, database.retry_backoff_seconds, sleep)
         self._engine: Engine | None = None
         self._shares: bool | None = None  # does env.py run on dbkeeper's connection?
-        self._running: Connection | None = None  # the connection of the revision running now
+        self._guard = threading.Lock()  # the two below, between the migrating thread and others
+        self._running: Any = None  # the driver connection of the revision running now
         self._interrupt_requested: str | None = None
+        self.stop_requested = threading.Event()  # set by interrupt: for the work around it
 
     # -- reading (no lock) -------------------------------------------------------------------------
 
@@ -208,29 +223,92 @@ class Migrator:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[SchemaChange]:
-        """Hold the schema lock (this process's, then every process's) for the block."""
+        """Hold the schema lock (this process's, then every process's) for the block.
+
+        A database error the steps do not handle themselves (the server went away while
+        planning, say) becomes a :class:`MigrationError` that says what was kept.
+        """
         with _SCHEMA_CHANGES:
             change = SchemaChange(self, lambda: self._interrupt_requested)
-            change.lock()
             try:
-                yield change
-            finally:
-                change.unlock()
+                change.lock()
+                try:
+                    yield change
+                finally:
+                    change.unlock()
+            except sa_exc.SQLAlchemyError as error:
+                raise MigrationError(
+                    f"changing the schema failed: {describe_error(error)}. Every revision "
+                    "either committed or rolled back as a whole; `dbkeeper db status` shows "
+                    "where the database stands. Start again once the database is reachable."
+                ) from error
+
+    # -- interrupting (from any thread) ------------------------------------------------------------
+
+    @property
+    def interrupted(self) -> str | None:
+        """Why the schema change was asked to stop (``interrupt``), or None."""
+        return self._interrupt_requested
 
     def interrupt(self, why: str) -> None:
-        """Stop the revision running now (from another thread, e.g. a signal handler): its
-        statement is cancelled, its transaction rolled back, the attempt recorded."""
-        self._interrupt_requested = why
-        running = self._running
+        """Stop the schema change in progress soon (see the module docstring); returns at once.
+
+        Safe from any thread, e.g. a signal handler: the cancelling happens on a thread of its
+        own (a PostgreSQL cancel request opens a connection).
+        """
+        with self._guard:
+            if self._interrupt_requested is None:
+                self._interrupt_requested = why
+            running = self._running
+        self.stop_requested.set()
         if running is None:
             return
-        with contextlib.suppress(Exception):
-            driver = running.connection.driver_connection
-            if self.dialect == "sqlite":
-                driver.interrupt()  # type: ignore[union-attr]
-            else:
-                driver.cancel()  # type: ignore[union-attr]  # psycopg: a cancel request
         log.warning("interrupting the running revision (%s)", why)
+        threading.Thread(
+            target=self._cancel_until_stopped,
+            args=(running,),
+            name="dbkeeper-migration-cancel",
+            daemon=True,
+        ).start()
+
+    def _cancel_until_stopped(self, driver: Any) -> None:
+        """Cancel the revision's statement, and again until the revision has stopped: a
+        statement that had not reached the database when a cancel went out gets the next."""
+        pause, longest = CANCEL_REPEAT_SECONDS
+        while True:
+            with self._guard:  # never cancels anything after the revision's own statements
+                if self._running is not driver:
+                    return
+                try:
+                    if self.dialect == "sqlite":
+                        driver.interrupt()
+                    else:
+                        driver.cancel_safe(timeout=5)
+                except Exception as error:  # the statement ends anyway; only less promptly
+                    log.warning("could not cancel the running statement: %s", error)
+            time.sleep(pause)
+            pause = min(pause * 2, longest)
+
+    @contextlib.contextmanager
+    def _cancellable(self, connection: Connection) -> Iterator[None]:
+        """The revision's own statements: cancelled by ``interrupt`` while they run, refused
+        once it was asked."""
+
+        def refuse(*_: Any) -> None:
+            if self._interrupt_requested is not None:
+                raise MigrationInterrupted(self._interrupt_requested)
+
+        driver = connection.connection.driver_connection
+        with self._guard:
+            refuse()
+            self._running = driver
+        event.listen(connection, "before_cursor_execute", refuse)
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._running = None
+            event.remove(connection, "before_cursor_execute", refuse)
 
     def shares_connection(self, connection: Connection) -> bool:
         """Whether the directory's ``env.py`` runs on the connection dbkeeper hands it (then a
@@ -272,6 +350,7 @@ class SchemaChange:
         self._stopped = stopped
         self._file_lock: FileLock | None = None
         self._advisory: AdvisoryLock | None = None
+        self._unreachable: str | None = None  # why the last try to take the lock could not ask
         self.connection: Connection | None = None
 
     # -- the lock ---------------------------------------------------------------------------------
@@ -296,16 +375,43 @@ class SchemaChange:
             on_wait=lambda who: log.info(
                 "another process is migrating this database (%s); waiting for it", who
             ),
-            gave_up=lambda why: MigrationError(
-                f"gave up waiting for the migration lock: {why}. If that process is stuck, "
-                "stop it and start again."
+            gave_up=lambda why: self._gave_up(
+                f"gave up waiting for the migration lock: {why}",
+                "If that process is stuck, stop it and start again.",
             ),
             stopped=self._stopped,
         )
 
-    def _take_advisory(self) -> bool:
+    def _gave_up(self, what: str, advice: str) -> MigrationError:
+        """The error of a lock wait that ended without the lock (stopped, or out of time)."""
+        if self._stopped() is not None:
+            return MigrationInterrupted(
+                f"{what}; nothing was applied while waiting. Start again to migrate."
+            )
+        if self._unreachable is not None:
+            what += f" (the database could not be reached: {self._unreachable})"
+        return MigrationError(f"{what}. {advice}")
+
+    def _take_advisory(self, *, outage_is_wait: bool = False) -> bool:
+        """One try at the advisory lock, on a new connection that becomes the migrating one.
+
+        ``outage_is_wait``: a server that cannot be reached counts as "not yet" (taking a lost
+        lock again, in the middle of a migration: the wait is bounded by the lock timeout).
+        """
         assert self._advisory is not None
-        connection = self.migrator.engine.connect()
+        try:
+            connection = self.migrator.engine.connect()
+        except sa_exc.DBAPIError as error:
+            if not (outage_is_wait and is_transient(error)):
+                raise
+            if self._unreachable is None:
+                log.warning(
+                    "cannot reach the database to take the migration lock (%s); trying again",
+                    describe_error(error),
+                )
+            self._unreachable = describe_error(error)
+            return False
+        self._unreachable = None
         try:
             if self._advisory.try_acquire(connection):
                 self.connection = connection
@@ -321,22 +427,27 @@ class SchemaChange:
         if self._advisory is None or self._advisory.alive():
             return
         log.warning(
-            "lost the migration lock (the connection to the server dropped); taking it again "
-            "before going on"
+            "lost the migration lock (its session ended: the connection dropped or was "
+            "terminated); taking it again before going on"
         )
         self._advisory.forget()
         self.connection = None
         acquire(
-            self._take_advisory,
+            lambda: self._take_advisory(outage_is_wait=True),
             holder=self._advisory.holder,
             timeout=self.migrator.settings.lock_timeout_seconds,
-            on_wait=lambda holder: log.info("waiting for the migration lock (%s)", holder),
-            gave_up=lambda why: MigrationError(
-                f"lost the migration lock and could not take it again: {why}; the database "
-                "stays at the last revision that committed. Start again."
+            on_wait=lambda holder: (
+                None  # unreachable: said once by _take_advisory
+                if self._unreachable
+                else log.info("waiting for the migration lock (%s)", holder)
+            ),
+            gave_up=lambda why: self._gave_up(
+                f"lost the migration lock and could not take it again: {why}",
+                "The database stays at the last revision that committed; start again.",
             ),
             stopped=self._stopped,
         )
+        log.info("took the migration lock again")
 
     def unlock(self) -> None:
         try:
@@ -444,6 +555,8 @@ class SchemaChange:
             step = self.apply(revision, "upgrade")
             if step is not None:
                 report.steps.append(step)
+            else:
+                report.done_elsewhere.append(revision)
             report.to_version = revision.version
         log.info(
             "schema is at v%d after %d revision%s in %d ms",
@@ -475,6 +588,8 @@ class SchemaChange:
             step = self.apply(revision, "downgrade")
             if step is not None:
                 report.steps.append(step)
+            else:
+                report.done_elsewhere.append(revision)
             below = by_id.get(revision.down_revision or "")
             report.to_version = below.version if below else 0
         if not report.steps:
@@ -516,8 +631,18 @@ class SchemaChange:
         for attempt in range(1, attempts + 1):
             self._relock_if_lost()
             if self._already_done(revision, direction):
-                log.info("%s was already %s by another instance", revision.label, direction + "d")
+                log.info(
+                    "%s was %s by another instance meanwhile; nothing to do here",
+                    revision.label,
+                    "applied" if direction == "upgrade" else "reverted",
+                )
                 return None
+            stop = migrator.interrupted
+            if stop:
+                raise MigrationInterrupted(
+                    f"stopped before {verb} revision {revision.label} ({stop}); nothing of it "
+                    "ran. Start again to go on."
+                )
             started_at, started = utcnow(), time.monotonic()
             attempt_id: int | None = None
             try:
@@ -536,11 +661,11 @@ class SchemaChange:
                 self._run(revision, direction, attempt_id, started)
             except Exception as error:
                 elapsed, reason = _ms_since(started), describe_error(error)
-                interrupted = migrator._interrupt_requested
+                interrupted = migrator.interrupted
                 transient = is_transient(error) and not interrupted
                 retrying = transient and attempt < attempts
                 if interrupted:
-                    reason = f"interrupted: {interrupted}; the revision was rolled back"
+                    reason = f"{INTERRUPTED}{interrupted}; the revision was rolled back"
                 failure = {
                     "direction": direction,
                     "attempt": attempt,
@@ -549,13 +674,30 @@ class SchemaChange:
                     "error": reason,
                     **_row_fields(revision),
                 }
+                delay = migrator.retry.delay(attempt)
+                if retrying:
+                    log.warning(
+                        "%s revision %s failed (attempt %d of %d, transient): %s; "
+                        "retrying in %.1fs",
+                        verb,
+                        revision.id,
+                        attempt,
+                        attempts,
+                        reason,
+                        delay,
+                    )
                 if not self._record_failure(attempt_id, failure):
                     unrecorded.append(failure)
                 if interrupted:
+                    again = (
+                        "Start again to apply it; a long revision is best applied on its own "
+                        "before the new version starts (`dbkeeper db migrate`)."
+                        if direction == "upgrade"
+                        else "Run the downgrade again to revert it."
+                    )
                     raise MigrationInterrupted(
                         f"{verb} revision {revision.label} was interrupted ({interrupted}) and "
-                        "rolled back; the database stays at the version before it. Start "
-                        "again to apply it, or run `dbkeeper db migrate` on its own first."
+                        f"rolled back; the database stays at the version before it. {again}"
                     ) from None
                 if not transient:
                     raise MigrationError(
@@ -569,16 +711,6 @@ class SchemaChange:
                         f"attempts: {reason}. The database stays at the version before it; "
                         "start again once the database is free."
                     ) from error
-                delay = migrator.retry.delay(attempt)
-                log.warning(
-                    "%s revision %s failed (attempt %d of %d, transient): %s; retrying in %.1fs",
-                    verb,
-                    revision.id,
-                    attempt,
-                    attempts,
-                    reason,
-                    delay,
-                )
                 migrator.retry.sleep(delay)
                 continue
             elapsed_ms = _ms_since(started)
@@ -595,24 +727,19 @@ class SchemaChange:
     def _run(self, revision: Revision, direction: str, attempt_id: int, started: float) -> None:
         """The revision itself: with a sharing env.py, in one transaction with its row."""
         migrator = self.migrator
-        shares = migrator.shares_connection(self.conn)
-        migrator._running = self.conn
-        try:
-            if migrator._interrupt_requested:
-                raise MigrationInterrupted(migrator._interrupt_requested)
-            if shares:
-                with self._transaction(immediate=True) as conn:
+        if migrator.shares_connection(self.conn):
+            with self._transaction(immediate=True) as conn:
+                with migrator._cancellable(conn):
                     self._alembic(conn, revision, direction)
                     _check_foreign_keys(conn)
-                    self.history.finish(
-                        conn, attempt_id, success=True, execution_ms=_ms_since(started)
-                    )
-                return
-            self._alembic(None, revision, direction)  # env.py commits on its own connection
-            with self._transaction() as conn:
                 self.history.finish(conn, attempt_id, success=True, execution_ms=_ms_since(started))
-        finally:
-            migrator._running = None
+            return
+        stop = migrator.interrupted
+        if stop:  # env.py's own connection cannot be cancelled from here
+            raise MigrationInterrupted(stop)
+        self._alembic(None, revision, direction)  # env.py commits on its own connection
+        with self._transaction() as conn:
+            self.history.finish(conn, attempt_id, success=True, execution_ms=_ms_since(started))
 
     def _alembic(self, conn: Connection | None, revision: Revision, direction: str) -> None:
         config = self.migrator.config(conn)

@@ -8,6 +8,13 @@ asks for it; see ``alembic_env``).
 
 Versions: revision ``0012`` is v12; revisions with other ids (Alembic's hex ids) are numbered
 by their position in the chain, so "v2" always means "the second revision".
+
+Checksums: the sha256 of each revision file is recorded when it is applied, and a file changed
+since is reported. A revision rewritten on purpose to the same effect (faster, say) declares
+the checksums of the versions it replaces, and databases that applied one of those are not
+warned::
+
+    supersedes_checksums = ("51d6394ac7f2f6e6da4ce49edc3024fb143dd0763bccf083fef1ce40559a2a84",)
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +37,8 @@ from ..settings import EXAMPLE_SCRIPT_LOCATION, NO_MIGRATIONS
 
 # Alembic's Config reads values through configparser interpolation.
 _ESCAPE = str.maketrans({"%": "%%"})
+SUPERSEDES = "supersedes_checksums"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,12 @@ class Revision:
     down_revision: str | None
     path: Path
     checksum: str
+    # sha256 of earlier versions of the file that this one replaces to the same effect
+    supersedes: tuple[str, ...] = ()
+
+    def accepts(self, checksum: str) -> bool:
+        """Whether a database that applied a file with ``checksum`` has this revision's effect."""
+        return checksum == self.checksum or checksum in self.supersedes
 
     @property
     def label(self) -> str:
@@ -183,4 +199,18 @@ def _revision(script: Script, position: int) -> Revision:
         down_revision=down,
         path=path,
         checksum=hashlib.sha256(path.read_bytes()).hexdigest(),
+        supersedes=_superseded(script, path),
     )
+
+
+def _superseded(script: Script, path: Path) -> tuple[str, ...]:
+    declared = getattr(script.module, SUPERSEDES, ())
+    values = (declared,) if isinstance(declared, str) else declared
+    if not isinstance(values, tuple | list) or not all(
+        isinstance(value, str) and _SHA256.fullmatch(value.lower()) for value in values
+    ):
+        raise MigrationError(
+            f"{path}: {SUPERSEDES} must be a tuple of sha256 checksums (64 hex digits each, "
+            "as `sha256sum` prints them for the earlier file)"
+        )
+    return tuple(value.lower() for value in values)

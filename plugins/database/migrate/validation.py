@@ -7,7 +7,8 @@ loaded plugins' models) and the revisions:
   exist - fatal when not;
 * drift: Alembic's ``compare_metadata`` between the metadata and the live schema, as sentences
   an operator can act on - a warning;
-* applied revision files unchanged since they were applied (sha256 in ``schema_migrations``)
+* applied revision files unchanged since they were applied (sha256 in ``schema_migrations``;
+  a rewrite that declares the earlier checksum in ``supersedes_checksums`` is not a change)
   - a warning.
 """
 
@@ -84,11 +85,13 @@ def validate(
         report.drift = describe_diffs(compare_metadata(context, metadata))
     for revision in revisions:
         recorded = applied_checksums.get(revision.id)
-        if recorded and recorded != revision.checksum:
+        if recorded and not revision.accepts(recorded):
             report.changed_revisions.append(
                 f"revision {revision.id} changed since it was applied "
                 f"(sha256 {recorded[:12]} then, {revision.checksum[:12]} now); a database "
-                "built from scratch may differ from this one"
+                "built from scratch may differ from this one. If the change was meant and has "
+                f"the same effect, add {recorded!r} to supersedes_checksums in "
+                f"{revision.path.name}"
             )
     return report
 
