@@ -39,6 +39,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
+from .backup.engines.sqlite import interrupted_restore
 from .engines import (
     OWN_ENGINES,
     SQLITE_BEGIN,
@@ -48,6 +49,7 @@ from .engines import (
     sqlite_file,
 )
 from .errors import BackupError, DatabaseMissing, DatabaseUnavailable, describe_error
+from .locks import check_database_directory
 from .retry import RetryPolicy
 from .settings import DatabaseSettings
 
@@ -232,6 +234,10 @@ class DatabaseService:
                 f"the directory {directory} of the SQLite database is not writable. "
                 "Point [database] url at a writable location or fix its permissions."
             )
+        check_database_directory(self.file)  # SQLite and dbkeeper's locks write there
+        interrupted = interrupted_restore(self.file)  # never an empty database in its place
+        if interrupted is not None:
+            raise DatabaseMissing(interrupted)
 
     def _connect_hint(self) -> str:
         if self.file is not None:
