@@ -98,9 +98,7 @@ def test_backup_is_compressed_verified_described_and_private(
     assert sqlite_user_ids(copy) == list(range(1, 201))
     # Nothing else was left in the directory.
     directory = info.path.parent
-    assert listing(directory) == sorted(
-        [*STATE_FILES, info.name, info.name + ".manifest.json"]
-    )
+    assert listing(directory) == sorted([*STATE_FILES, info.name, info.name + ".manifest.json"])
     assert [b.name for b in plugin.backups.list()] == [info.name]
     assert plugin.backups.verify()[0].ok
 
@@ -238,9 +236,7 @@ def test_missing_database_is_a_clear_failure(
 ) -> None:
     plugin = plugin_factory()
     settings = make_settings(f"sqlite:///{tmp_path / 'nowhere.db'}")
-    manager = Backups(
-        settings.backup, SqliteBackupEngine(tmp_path / "nowhere.db"), plugin.migrator
-    )
+    manager = Backups(settings.backup, SqliteBackupEngine(tmp_path / "nowhere.db"), plugin.migrator)
     with pytest.raises(BackupError, match=r"there is no database at .*nowhere\.db"):
         manager.create("manual")
     assert manager.list() == []

@@ -156,9 +156,7 @@ class DatabaseService:
         """Whether there is a database to open without creating one (always on a server)."""
         return self.file is None or self.file.is_file()
 
-    def connect(
-        self, *, create: bool = True, sleep: Callable[[float], None] | None = None
-    ) -> None:
+    def connect(self, *, create: bool = True, sleep: Callable[[float], None] | None = None) -> None:
         """Open the engine and prove it with a round trip; retry as configured, then fail.
 
         ``create=False``: a missing SQLite file is an error (read-only commands create nothing).

@@ -88,7 +88,9 @@ class Backup:
         missing = sorted(
             f.name
             for f in fields(cls)
-            if f.name in known and f.name not in values and f.default is MISSING
+            if f.name in known
+            and f.name not in values
+            and f.default is MISSING
             and f.default_factory is MISSING
         )
         if missing:
@@ -116,8 +118,8 @@ def _optional_text(value: Any) -> bool:
 
 
 def _mapping(check: Any) -> Any:
-    return lambda value: isinstance(value, dict) and all(
-        isinstance(k, str) and check(v) for k, v in value.items()
+    return lambda value: (
+        isinstance(value, dict) and all(isinstance(k, str) and check(v) for k, v in value.items())
     )
 
 
