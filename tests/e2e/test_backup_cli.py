@@ -190,3 +190,26 @@ def test_db_downgrade_takes_a_backup_first(tmp_path: Path) -> None:
     assert f"backup taken before: {name}" in output
     code, listed = run_cli(["backup", "list"], cwd=workdir)
     assert " pre-downgrade " in listed and "    v3  " in listed
+
+
+def test_restore_beside_a_running_bot_says_in_use_even_while_it_backs_up(tmp_path: Path) -> None:
+    """The reason that lasts (a bot runs on the database) comes before the passing one (a
+    backup holds the directory): never "try again when it is done", then another refusal."""
+    from dbkeeper.plugins.database.locks import backup_lock
+
+    workdir, url = _workdir(tmp_path)
+    code, output = run_cli(["backup", "create"], cwd=workdir)
+    assert code == 0, output
+    [name] = _backup_names(tmp_path)
+    with BotProcess(["run"], cwd=workdir) as bot:
+        bot.wait_for_line("dbkeeper is running")
+        busy = backup_lock(tmp_path / "backups")  # as while the bot takes a backup
+        assert busy.try_acquire()
+        try:
+            code, output = run_cli(["backup", "restore", name, "--yes"], cwd=workdir)
+        finally:
+            busy.release()
+        assert code == 1 and "Traceback" not in output, output
+        assert "is in use by a running bot" in output and "try again" not in output
+        assert user_ids(url) == list(range(1, 11))
+        assert bot.stop() == 0
