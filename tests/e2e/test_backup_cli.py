@@ -16,6 +16,7 @@ import pytest
 
 from dbkeeper.config import settings_from_mapping
 from tests.support.backups import add_users, listing, open_plugin, user_ids
+from tests.support.hosts import free_port
 from tests.support.process import REPO, BotProcess, run_cli, write_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,6 +28,7 @@ def _workdir(tmp_path: Path, **backup: object) -> tuple[Path, str]:
     sections = {
         "database": {"url": url, "retry_backoff_seconds": [0.1]},
         "backup": {"dir": str(tmp_path / "backups"), **backup},
+        "health": {"http_port": free_port()},  # `run` beside other tests
     }
     write_config(tmp_path / "config.toml", sections)
     plugin = open_plugin(settings_from_mapping(sections, environ={}))

@@ -21,6 +21,7 @@ import pytest
 
 from dbkeeper.config import settings_from_mapping
 from tests.support.backups import add_users, listing, open_plugin, user_ids
+from tests.support.hosts import free_port
 from tests.support.process import REPO, BotProcess, run_cli, write_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -52,6 +53,7 @@ def _workdir(tmp_path: Path) -> Path:
     sections = {
         "database": {"url": f"sqlite:///{tmp_path / 'data' / 'bot.db'}"},
         "backup": {"dir": str(tmp_path / "backups"), "compress_min_bytes": 0},
+        "health": {"http_port": free_port()},  # `run` beside other tests
     }
     write_config(tmp_path / "config.toml", sections)
     plugin = open_plugin(settings_from_mapping(sections, environ={}))

@@ -20,6 +20,7 @@ from dbkeeper.config import settings_from_mapping
 from dbkeeper.plugins.database.backup.store import BackupStore
 from dbkeeper.plugins.database.locks import UnsafePath, open_private
 from tests.support.backups import add_users, listing, open_plugin, user_ids
+from tests.support.hosts import free_port
 from tests.support.process import BotProcess, run_cli, write_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -31,6 +32,7 @@ def _workdir(tmp_path: Path) -> Path:
     sections = {
         "database": {"url": f"sqlite:///{tmp_path / 'data' / 'bot.db'}"},
         "backup": {"dir": str(tmp_path / "backups")},
+        "health": {"http_port": free_port()},  # `run` beside other tests
     }
     write_config(tmp_path / "config.toml", sections)
     plugin = open_plugin(settings_from_mapping(sections, environ={}))
@@ -150,6 +152,7 @@ def test_a_running_bot_never_writes_through_a_lock_planted_while_it_runs(tmp_pat
         {
             "database": {"url": f"sqlite:///{_database(workdir)}"},
             "backup": {"dir": str(workdir / "backups"), "interval_seconds": 1},
+            "health": {"http_port": free_port()},
         },
     )
     database, backups = _database(workdir), workdir / "backups"
