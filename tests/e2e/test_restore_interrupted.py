@@ -123,9 +123,11 @@ def test_a_restore_killed_before_the_swap_leaves_the_database_in_place(
     assert database.is_file(), "no database file after the kill"
     assert database.read_bytes() == damaged  # the old database, in place and whole
     assert (data / kept).read_bytes() == damaged  # and kept apart, as the restore said
-    # The next command cleans the staging copy up; the start runs on the old database.
+    # The next command cleans up: the staging copy, and the second name of the live file
+    # (the restore did not happen, so nothing is set aside: it is as before it started).
     code, output = run_cli(["backup", "list"], cwd=workdir)
-    assert code == 0 and _staging(data) == [], output
+    assert code == 0 and _staging(data) == [] and not (data / kept).exists(), output
+    assert database.read_bytes() == damaged and database.stat().st_nlink == 1
     # Doing it again finishes the job.
     code, output = run_cli(["backup", "restore", name, "--yes"], cwd=workdir)
     assert code == 0, output

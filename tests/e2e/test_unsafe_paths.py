@@ -262,3 +262,19 @@ def test_an_unsafe_database_directory_is_refused(
 
     _refused_in_one_line(code, output, f"{data} {expected}")
     assert listing(data) == files and _digest(_database(workdir)) == before
+
+
+def test_a_backup_name_planted_as_a_link_is_never_read_through(tmp_path: Path) -> None:
+    workdir = _workdir(tmp_path)
+    backups = workdir / "backups"
+    backups.mkdir(mode=0o700)
+    planted = backups / "bot-db-2001-01-01_00-00-00.db"
+    planted.symlink_to(_database(workdir))
+    before = _digest(_database(workdir))
+
+    code, output = run_cli(["backup", "restore", planted.name, "--yes"], cwd=workdir)
+    _refused_in_one_line(code, output, "is not a regular file (a link?)")
+    code, listed = run_cli(["backup", "list"], cwd=workdir)
+    assert code == 0 and "no backups in" in listed
+    assert f"DAMAGED    {planted.name}: is not a regular file" in listed
+    assert _digest(_database(workdir)) == before

@@ -32,6 +32,8 @@ import builtins
 import contextlib
 import errno
 import logging
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -542,7 +544,11 @@ class Backups:
             else:  # the damaged ones too: verifying says what is wrong with each
                 listing = self.scan()
                 paths = [backup.path for backup in listing.backups]
-                paths += [entry.path for entry in listing.damaged if entry.path.is_file()]
+                paths += [
+                    entry.path
+                    for entry in listing.damaged
+                    if stat.S_ISREG(os.lstat(entry.path).st_mode)
+                ]
                 paths.sort(key=lambda path: path.name, reverse=True)
             return [self._verify_one(path, progress, limits) for path in paths]
 

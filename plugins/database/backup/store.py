@@ -141,10 +141,19 @@ class BackupStore:
                 f"(like {EXAMPLE_NAME}), not a path. Nothing was changed."
             )
         path = self.directory / name
-        if not path.is_file():
+        try:
+            info = os.lstat(path)
+        except OSError:
+            info = None
+        if info is None or stat.S_ISDIR(info.st_mode):
             raise InvalidBackup(
                 f"there is no backup named {name} in {self.directory}; `dbkeeper backup list` "
                 "shows the backups there. Nothing was changed."
+            )
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidBackup(
+                f"{name} in {self.directory} is not a regular file (a link?): dbkeeper reads "
+                "backups only from files of their own. Nothing was changed."
             )
         return path
 

@@ -359,11 +359,20 @@ class SqliteBackupEngine:
                 remove(path)
 
     def leftovers(self) -> list[Path]:
-        """Staging copies of interrupted restores. None while the live database is missing:
-        then they are what the operator may need (``interrupted_restore``)."""
+        """What an interrupted restore left: its staging copy, and the second name it gave the
+        live database when it was killed before the swap (the same file: it stays the live
+        database, as before that restore). None while the live database is missing: then they
+        are what the operator may need (``interrupted_restore``)."""
         if self.file is None or not self.file.parent.is_dir() or not self.file.exists():
             return []
-        return _staging_files(self.file)
+        found = _staging_files(self.file)
+        for kept in self.file.parent.glob(f"{glob.escape(self.file.name)}.damaged-*"):
+            suffix = next((s for s in SIDE_FILES if kept.name.endswith(s)), "")
+            live = self._side(suffix) if suffix else self.file
+            with contextlib.suppress(OSError):
+                if os.path.samefile(kept, live):
+                    found.append(kept)
+        return found
 
     def side_file(self, suffix: str) -> Path | None:
         return None if self.file is None else self._side(suffix)
