@@ -37,6 +37,8 @@ from tests.support.process import run_cli, write_config
 from tests.support.tmpfs import mounted_tmpfs
 
 pytestmark = pytest.mark.timeout(60)
+# dbkeeper's own files in a backup directory: the lock, and the room kept for the last failure.
+STATE_FILES = [".dbkeeper-backup.lock", ".dbkeeper-last-failure.json"]
 NAME = re.compile(r"^bot-db-\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.db(\.gz|\.zst)?$")
 
 
@@ -96,9 +98,7 @@ def test_backup_is_compressed_verified_described_and_private(
     assert sqlite_user_ids(copy) == list(range(1, 201))
     # Nothing else was left in the directory.
     directory = info.path.parent
-    assert listing(directory) == sorted(
-        [".dbkeeper-backup.lock", info.name, info.name + ".manifest.json"]
-    )
+    assert listing(directory) == sorted([*STATE_FILES, info.name, info.name + ".manifest.json"])
     assert [b.name for b in plugin.backups.list()] == [info.name]
     assert plugin.backups.verify()[0].ok
 
@@ -236,9 +236,7 @@ def test_missing_database_is_a_clear_failure(
 ) -> None:
     plugin = plugin_factory()
     settings = make_settings(f"sqlite:///{tmp_path / 'nowhere.db'}")
-    manager = Backups(
-        settings.backup, SqliteBackupEngine(tmp_path / "nowhere.db"), plugin.migrator
-    )
+    manager = Backups(settings.backup, SqliteBackupEngine(tmp_path / "nowhere.db"), plugin.migrator)
     with pytest.raises(BackupError, match=r"there is no database at .*nowhere\.db"):
         manager.create("manual")
     assert manager.list() == []
@@ -360,7 +358,7 @@ async def test_shutdown_backup_is_compressed_when_it_fits(
     assert backup.name.endswith(".db.zst") and backup.pending_compression is None
     assert backup.reason == "shutdown" and backup.tables["users"] == 50
     assert listing(backup.path.parent) == sorted(
-        [".dbkeeper-backup.lock", backup.name, backup.name + ".manifest.json"]
+        [*STATE_FILES, backup.name, backup.name + ".manifest.json"]
     )
 
 
@@ -410,9 +408,8 @@ def test_a_full_disk_fails_the_backup_cleanly(
         assert f"no space left in {small_disk}" in message
         assert "existing backups are untouched" in message
         assert "Free some space" in message
-        names = [n for n in listing(small_disk) if not n.startswith(".dbkeeper-last-failure")]
-        assert names == sorted(
-            [".dbkeeper-backup.lock", "filler", good.name, good.name + ".manifest.json"]
+        assert listing(small_disk) == sorted(
+            [*STATE_FILES, "filler", good.name, good.name + ".manifest.json"]
         )  # the partial file is gone, the good backup stays
         assert [b.name for b in plugin.backups.list()] == [good.name]
         assert plugin.backups.stats().last_failure is not None

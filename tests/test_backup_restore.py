@@ -124,7 +124,7 @@ def test_restore_of_an_older_schema_migrates_it_forward(
 
 
 def _backup_files(plugin: DatabasePlugin) -> list[str]:
-    return [name for name in listing(_backups(plugin)) if name != ".dbkeeper-backup.lock"]
+    return [name for name in listing(_backups(plugin)) if not name.startswith(".dbkeeper-")]
 
 
 def _truncate(path: Path) -> None:

@@ -190,6 +190,11 @@ def format_dbstats(
         )
     else:
         lines.append("<b>Backups</b> none yet")
+    if backups.damaged:
+        lines.append(
+            f"⚠️ {backups.damaged} damaged backup file{'s' if backups.damaged > 1 else ''} not "
+            "counted (<code>dbkeeper backup list</code> names them)"
+        )
     if backups.last_failure is not None:
         lines.append(
             f"⚠️ Last backup attempt failed {_ago(backups.last_failure.at)}: "

@@ -90,12 +90,22 @@ def check_directory(directory: Path, purpose: str) -> None:
         )
 
 
-def open_private(path: Path, *, create: bool = True) -> int:
-    """Open ``path`` read-write without following a link, creating it (0600) if asked.
+def open_private(path: Path, *, create: bool = True, new: bool = False) -> int:
+    """Open ``path`` read-write without following a link: the one way dbkeeper opens or
+    creates a file of its own (locks, manifests, temporary files, the failure record).
 
-    Refuses anything but a regular file of this user (or root): never writes through a link.
+    ``create``: create it (0600) if missing; ``new``: it must not exist yet (a temporary
+    file). Creating checks the directory first (:func:`check_directory`). Refuses anything but
+    a regular file of this user (or root) with a single name: never writes through a link,
+    symbolic or hard (a hard link to the database would be truncated with it).
     """
-    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    if create or new:
+        check_directory(path.parent, "the directory")
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    if create or new:
+        flags |= os.O_CREAT
+    if new:
+        flags |= os.O_EXCL
     try:
         fd = os.open(path, flags, 0o600)
     except OSError as error:
@@ -111,10 +121,24 @@ def open_private(path: Path, *, create: bool = True) -> int:
             raise UnsafePath(f"{path} is not a regular file; remove it")
         if info.st_uid not in (os.geteuid(), 0):
             raise UnsafePath(f"{path} belongs to another user (uid {info.st_uid}); remove it")
+        if info.st_nlink > 1:
+            raise UnsafePath(
+                f"{path} has {info.st_nlink} names (a hard link to another file, perhaps the "
+                "database); dbkeeper never writes through links. Remove it."
+            )
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def check_database_directory(database_file: Path) -> None:
+    """The SQLite database's directory, and the lock files dbkeeper keeps there, are safe to
+    write to: checked before anything opens the database (creates nothing)."""
+    check_directory(database_file.parent, "the SQLite database's directory")
+    for path in lock_paths(database_file):
+        with contextlib.suppress(FileNotFoundError):
+            os.close(open_private(path, create=False))
 
 
 class FileLock:
@@ -181,16 +205,24 @@ class FileLock:
             os.close(fd)
 
 
+def lock_paths(database_file: Path) -> list[Path]:
+    """The lock files beside a SQLite database: migration, leader, in use."""
+    return [
+        database_file.with_name(f"{database_file.name}.{purpose}.lock")
+        for purpose in ("migrate", "leader", "inuse")
+    ]
+
+
 def migration_lock(database_file: Path) -> FileLock:
-    return FileLock(database_file.with_name(database_file.name + ".migrate.lock"))
+    return FileLock(lock_paths(database_file)[0])
 
 
 def leader_lock(database_file: Path, instance: str) -> FileLock:
-    return FileLock(database_file.with_name(database_file.name + ".leader.lock"), label=instance)
+    return FileLock(lock_paths(database_file)[1], label=instance)
 
 
 def in_use_lock(database_file: Path) -> FileLock:
-    return FileLock(database_file.with_name(database_file.name + ".inuse.lock"))
+    return FileLock(lock_paths(database_file)[2])
 
 
 def backup_lock(directory: Path) -> FileLock:

@@ -31,6 +31,7 @@ from .backup.manifest import Backup
 from .backup.pipeline import Backups
 from .backup.restore import RestoreReport, keep_current, prepare, swap
 from .errors import BackupError, DatabaseError, MigrationError, MigrationInterrupted
+from .locks import UnsafePath
 from .migrate.migrator import MigrationReport, Migrator
 from .migrate.revisions import Revision, Revisions, resolve_location
 from .migrate.validation import ValidationReport, merged_metadata
@@ -147,6 +148,8 @@ class Operations:
     def clean_leftovers(self) -> None:
         try:
             self.backups.cleanup()
+        except UnsafePath as error:  # the backup or restore that needs the directory says so
+            log.debug("not cleaning up: %s", error)
         except (OSError, DatabaseError) as error:
             log.warning("could not clean up after an interrupted backup: %s", error)
 

@@ -40,6 +40,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
+from .backup.engines.sqlite import interrupted_restore
 from .engines import (
     SQLITE_BEGIN,
     create_database_engine,
@@ -49,6 +50,7 @@ from .engines import (
     sqlite_file,
 )
 from .errors import BackupError, DatabaseMissing, DatabaseUnavailable, describe_error
+from .locks import check_database_directory
 from .retry import RetryPolicy
 from .settings import DatabaseSettings
 
@@ -155,9 +157,7 @@ class DatabaseService:
         """Whether there is a database to open without creating one (always on a server)."""
         return self.file is None or self.file.is_file()
 
-    def connect(
-        self, *, create: bool = True, sleep: Callable[[float], None] | None = None
-    ) -> None:
+    def connect(self, *, create: bool = True, sleep: Callable[[float], None] | None = None) -> None:
         """Open the engine and prove it with a round trip; retry as configured, then fail.
 
         ``create=False``: a missing SQLite file is an error (read-only commands create nothing).
@@ -233,6 +233,10 @@ class DatabaseService:
                 f"the directory {directory} of the SQLite database is not writable. "
                 "Point [database] url at a writable location or fix its permissions."
             )
+        check_database_directory(self.file)  # SQLite and dbkeeper's locks write there
+        interrupted = interrupted_restore(self.file)  # never an empty database in its place
+        if interrupted is not None:
+            raise DatabaseMissing(interrupted)
 
     def _connect_hint(self) -> str:
         if self.file is not None:

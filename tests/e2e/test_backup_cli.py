@@ -16,6 +16,7 @@ import pytest
 
 from dbkeeper.config import settings_from_mapping
 from tests.support.backups import add_users, listing, open_plugin, user_ids
+from tests.support.hosts import free_port
 from tests.support.process import REPO, BotProcess, run_cli, write_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,6 +28,7 @@ def _workdir(tmp_path: Path, **backup: object) -> tuple[Path, str]:
     sections = {
         "database": {"url": url, "retry_backoff_seconds": [0.1]},
         "backup": {"dir": str(tmp_path / "backups"), **backup},
+        "health": {"http_port": free_port()},  # `run` beside other tests
     }
     write_config(tmp_path / "config.toml", sections)
     plugin = open_plugin(settings_from_mapping(sections, environ={}))
@@ -153,7 +155,7 @@ def test_the_running_bot_backs_up_on_schedule_and_at_shutdown(tmp_path: Path) ->
     assert all("scheduled" in row or "shutdown" in row for row in rows)
 
 
-def test_a_killed_backup_leaves_no_backup_and_the_next_start_cleans_up(tmp_path: Path) -> None:
+def test_a_killed_backup_leaves_no_backup_and_the_next_command_cleans_up(tmp_path: Path) -> None:
     workdir, url = _workdir(tmp_path, compression="gzip", compress_min_bytes=0)
     plugin = open_plugin(settings_from_mapping({"database": {"url": url}}, environ={}))
     with plugin.database.connection() as connection:  # ~40 MB: gzip takes a while
@@ -175,14 +177,10 @@ def test_a_killed_backup_leaves_no_backup_and_the_next_start_cleans_up(tmp_path:
     leftovers = [n for n in listing(backups) if n.startswith(".dbkeeper-tmp-")]
     assert leftovers and _backup_names(tmp_path) == []  # nothing looks like a backup
 
+    # Any command cleans up (not only the next `dbkeeper run`).
     code, output = run_cli(["backup", "list"], cwd=workdir)
     assert code == 0 and "no backups in" in output
-
-    with BotProcess(["run"], cwd=workdir) as bot:
-        line = bot.wait_for_line("leftover")
-        bot.wait_for_line("dbkeeper is running")
-        assert bot.stop() == 0
-    assert "removed" in line and leftovers[0] in line
+    assert "removed 1 leftover" in output and leftovers[0] in output
     assert not any(n.startswith(".dbkeeper-tmp-") for n in listing(backups))
 
 
@@ -194,3 +192,26 @@ def test_db_downgrade_takes_a_backup_first(tmp_path: Path) -> None:
     assert f"backup taken before: {name}" in output
     code, listed = run_cli(["backup", "list"], cwd=workdir)
     assert " pre-downgrade " in listed and "    v3  " in listed
+
+
+def test_restore_beside_a_running_bot_says_in_use_even_while_it_backs_up(tmp_path: Path) -> None:
+    """The reason that lasts (a bot runs on the database) comes before the passing one (a
+    backup holds the directory): never "try again when it is done", then another refusal."""
+    from dbkeeper.plugins.database.locks import backup_lock
+
+    workdir, url = _workdir(tmp_path)
+    code, output = run_cli(["backup", "create"], cwd=workdir)
+    assert code == 0, output
+    [name] = _backup_names(tmp_path)
+    with BotProcess(["run"], cwd=workdir) as bot:
+        bot.wait_for_line("dbkeeper is running")
+        busy = backup_lock(tmp_path / "backups")  # as while the bot takes a backup
+        assert busy.try_acquire()
+        try:
+            code, output = run_cli(["backup", "restore", name, "--yes"], cwd=workdir)
+        finally:
+            busy.release()
+        assert code == 1 and "Traceback" not in output, output
+        assert "is in use by a running bot" in output and "try again" not in output
+        assert user_ids(url) == list(range(1, 11))
+        assert bot.stop() == 0

@@ -21,6 +21,8 @@ from typing import BinaryIO
 
 import zstandard
 
+from ..locks import open_private
+
 CHUNK = 1 << 20
 CODECS = ("gzip", "zstd", "none")
 SUFFIXES = {"gzip": ".gz", "zstd": ".zst", "none": ""}
@@ -71,8 +73,7 @@ def codec_for_suffix(name: str) -> str:
 
 def create_private(path: Path) -> BinaryIO:
     """A new file only its owner can read (backups hold users' data); never an existing one."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    return os.fdopen(fd, "wb")
+    return os.fdopen(open_private(path, new=True), "wb")
 
 
 def fsync_file(handle: BinaryIO) -> None:

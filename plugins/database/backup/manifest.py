@@ -7,10 +7,11 @@ table. A backup is listed only with its manifest; restore and verify compare aga
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from ..locks import open_private
 
 MANIFEST_SUFFIX = ".manifest.json"
 FORMAT = 1
+MAX_MANIFEST_BYTES = 1 << 20
 _NOT_SAVED = {"path"}
 
 
@@ -61,32 +63,92 @@ class Backup:
 
     @classmethod
     def from_json(cls, text: str, path: Path = Path()) -> Backup:
-        """Parse a manifest; ``ValueError`` when it is not one this code understands."""
+        """Parse a manifest; ``ValueError`` when it is not one this code understands.
+
+        Every field is checked for its type: a manifest that parses is safe to list, sort,
+        count and print (a damaged or hand-edited one never crashes a listing).
+        """
         try:
             data: Any = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"not JSON ({error.msg})") from None
+        except (json.JSONDecodeError, RecursionError) as error:
+            raise ValueError(f"not JSON ({getattr(error, 'msg', error)})") from None
         if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
             raise ValueError("not a dbkeeper backup manifest (format 1)")
         try:
             created = datetime.fromisoformat(data.pop("created_at"))
             if created.tzinfo is None:
                 raise ValueError("created_at has no time zone")
-            known = {f.name for f in fields(cls)} - _NOT_SAVED
-            backup = cls(
-                created_at=created, path=path, **{k: v for k, v in data.items() if k in known}
-            )
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"incomplete manifest ({error})") from None
-        if (
-            not isinstance(backup.tables, dict)
-            or not isinstance(backup.size_bytes, int)
-            or not isinstance(backup.name, str)
-            or not isinstance(backup.sha256, str)
-            or not all(isinstance(v, int) for v in backup.tables.values())
-        ):
-            raise ValueError("malformed manifest")
-        return backup
+            created = created.astimezone(UTC)
+        except KeyError:
+            raise ValueError("incomplete manifest (no created_at)") from None
+        except (TypeError, ValueError, OverflowError) as error:
+            raise ValueError(f"created_at is not a time ({error})") from None
+        known = {f.name for f in fields(cls)} - _NOT_SAVED - {"created_at"}
+        values = {k: v for k, v in data.items() if k in known}
+        missing = sorted(
+            f.name
+            for f in fields(cls)
+            if f.name in known
+            and f.name not in values
+            and f.default is MISSING
+            and f.default_factory is MISSING
+        )
+        if missing:
+            raise ValueError(f"incomplete manifest (no {', '.join(missing)})")
+        for key, value in values.items():
+            if not _FIELD_CHECKS[key](value):
+                raise ValueError(f"malformed manifest ({key} = {str(value)[:40]!r})")
+        return cls(created_at=created, path=path, **values)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _optional_text(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _mapping(check: Any) -> Any:
+    return lambda value: (
+        isinstance(value, dict) and all(isinstance(k, str) and check(v) for k, v in value.items())
+    )
+
+
+_FIELD_CHECKS: dict[str, Any] = {
+    "name": _text,
+    "reason": _text,
+    "compression": _text,
+    "size_bytes": _count,
+    "sha256": _text,
+    "schema_version": _count,
+    "tables": _mapping(_count),
+    "duration_seconds": _number,
+    "engine": _text,
+    "content_bytes": _count,
+    "content_sha256": _text,
+    "schema_revision": _optional_text,
+    "phases": _mapping(_number),
+    "pending_compression": _optional_text,
+    "source": _text,
+    "tool": _text,
+}
+
+
+class BadManifest(ValueError):
+    """A manifest is there but does not parse: its backup is not to be trusted."""
+
+    def __init__(self, backup: Path, problem: str) -> None:
+        super().__init__(f"its manifest {manifest_path(backup).name} cannot be read ({problem})")
+        self.problem = problem
 
 
 def manifest_path(backup: Path) -> Path:
@@ -94,18 +156,39 @@ def manifest_path(backup: Path) -> Path:
 
 
 def read_manifest(backup: Path) -> Backup | None:
-    """The record of the backup file ``backup``; None when its manifest is missing or unreadable."""
+    """The record of the backup file ``backup``; None when it has no manifest.
+
+    A manifest that is there but does not parse raises :class:`BadManifest`: it is never
+    taken for a missing one (that would skip the checksum of a backup copied in by hand).
+    """
+    path = manifest_path(backup)
     try:
-        return Backup.from_json(manifest_path(backup).read_text(encoding="utf-8"), backup)
-    except (OSError, ValueError, UnicodeDecodeError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
         return None
+    except OSError as error:
+        why = "a symbolic link" if error.errno == errno.ELOOP else error.strerror or str(error)
+        raise BadManifest(backup, why) from None
+    try:
+        raw = os.read(fd, MAX_MANIFEST_BYTES + 1)  # a manifest is small; a huge file is not one
+    except OSError as error:
+        raise BadManifest(backup, error.strerror or str(error)) from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BadManifest(backup, f"larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        return Backup.from_json(raw.decode("utf-8"), backup)
+    except UnicodeDecodeError:
+        raise BadManifest(backup, "not UTF-8 text") from None
+    except ValueError as error:
+        raise BadManifest(backup, str(error)) from None
 
 
 def write_manifest(backup: Backup, target: Path, scratch: Path) -> None:
     """Write ``target`` atomically through ``scratch`` (same directory): whole or not at all."""
-    fd = open_private(scratch)
+    fd = open_private(scratch, new=True)
     try:
-        os.ftruncate(fd, 0)
         os.write(fd, backup.to_json().encode())
         os.fsync(fd)
     finally:

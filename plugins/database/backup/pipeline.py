@@ -32,6 +32,8 @@ import builtins
 import contextlib
 import errno
 import logging
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,7 +46,7 @@ from dbkeeper.plugin import Deadline
 from dbkeeper.texts import size
 
 from ..errors import BackupError, BackupInProgress, InvalidBackup, describe_error
-from ..locks import acquire
+from ..locks import UnsafePath, acquire
 from ..settings import BackupSettings
 from .compression import (
     SUFFIXES,
@@ -66,15 +68,20 @@ from .engines.base import (
     serialized,
 )
 from .inspect import BackupInspector, RevisionSource
-from .manifest import Backup, read_manifest
+from .manifest import Backup, BadManifest, read_manifest
 from .retention import REASONS, pool_name, to_rotate
-from .store import BackupStore, remove
+from .store import BackupStore, Listing, remove
 
 log = logging.getLogger("dbkeeper.backup")
 
 # Compression speed assumed until this process has measured its own (bytes per second); only
 # used to decide whether compressing fits in the shutdown budget. Deliberately low.
 ASSUMED_RATES = {"gzip": 20e6, "zstd": 100e6}
+UNTRUSTED = (
+    "Its checksum cannot be compared, so it is not used: `dbkeeper backup verify NAME` runs "
+    "every other check; if you trust the file, remove the manifest and it is restored on its "
+    "own checks. Nothing was changed."
+)
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,7 @@ class BackupStats:
     last_failure: BackupFailure | None  # the latest failed attempt, if newer than the last success
     last_success_at: datetime | None
     last_duration_seconds: float | None
+    damaged: int = 0  # files with a backup's name that are not counted (``Backups.scan``)
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,9 @@ class Backups:
         self.settings = settings
         self.engine = engine
         self.schema = schema
-        self.store = BackupStore(Path(settings.dir))
+        self.store = BackupStore(
+            Path(settings.dir), spare_record=engine.side_file(".backup-failure.json")
+        )
         self.inspector = BackupInspector(engine, schema)
         self._clock = clock
         self._sleep = sleep
@@ -156,15 +166,25 @@ class Backups:
         return self.engine.unavailable() is None
 
     def list(self) -> list[Backup]:
-        """Complete, verified backups, newest first."""
+        """Complete, verified backups that pass the listing's cheap checks, newest first."""
         return self.store.entries()
 
+    def scan(self) -> Listing:
+        """The sound backups and, apart, the files with a backup's name that are not."""
+        return self.store.scan(self._clock())
+
     def get(self, name: str) -> Backup | None:
-        """Backup ``name`` (None when its file has no manifest); ``InvalidBackup`` if none."""
-        return read_manifest(self.store.resolve(name))
+        """Backup ``name`` (None when its file has no manifest); ``InvalidBackup`` if there is
+        none, or when its manifest does not parse (it is not to be trusted)."""
+        path = self.store.resolve(name)
+        try:
+            return read_manifest(path)
+        except BadManifest as error:
+            raise InvalidBackup(f"{name}: {error}. {UNTRUSTED}") from None
 
     def stats(self) -> BackupStats:
-        backups = self.list()
+        listing = self.scan()
+        backups = listing.backups
         newest = backups[0] if backups else None
         success = max(
             (t for t in (self._last_success_at, newest and newest.created_at) if t), default=None
@@ -186,6 +206,7 @@ class Backups:
             last_failure=failure,
             last_success_at=success,
             last_duration_seconds=duration,
+            damaged=len(listing.damaged),
         )
 
     def estimate_next_bytes(self) -> int:
@@ -223,8 +244,21 @@ class Backups:
         if reason not in REASONS:
             raise ValueError(f"unknown backup reason {reason!r} (one of {', '.join(REASONS)})")
         limits = Limits(deadline, (stop,) if stop else ())
-        with self.exclusive(f"{reason} backup", wait=wait, limits=limits):
-            return self.take(reason, limits, serialized(progress))
+        taking = False
+        try:
+            with self.exclusive(f"{reason} backup", wait=wait, limits=limits):
+                taking = True
+                return self.take(reason, limits, serialized(progress))
+        except BackupInProgress:
+            raise  # not a failure: the request was not started
+        except Exception as error:
+            if taking:
+                raise  # ``take`` recorded it
+            # Taking the locks failed (a full or read-only disk, an unsafe directory, the
+            # deadline while waiting): nothing was taken, and it is a failure all the same.
+            failure = self._failure_message(reason, error)
+            self._record_failure(reason, failure)
+            raise BackupError(failure) from error
 
     def take(self, reason: str, limits: Limits, progress: Progress) -> Backup:
         """Take, verify and rotate a backup while holding ``exclusive`` (a restore's safety
@@ -507,13 +541,24 @@ class Backups:
         with self.exclusive("verification", wait=True, limits=limits):
             if name is not None:
                 paths = [self.store.resolve(name)]
-            else:
-                paths = [backup.path for backup in self.list()]
+            else:  # the damaged ones too: verifying says what is wrong with each
+                listing = self.scan()
+                paths = [backup.path for backup in listing.backups]
+                paths += [
+                    entry.path
+                    for entry in listing.damaged
+                    if stat.S_ISREG(os.lstat(entry.path).st_mode)
+                ]
+                paths.sort(key=lambda path: path.name, reverse=True)
             return [self._verify_one(path, progress, limits) for path in paths]
 
     def _verify_one(self, path: Path, progress: Progress, limits: Limits) -> VerifyResult:
         started = time.monotonic()
-        manifest = read_manifest(path)
+        unreadable: BadManifest | None = None
+        try:
+            manifest = read_manifest(path)
+        except BadManifest as error:  # every other check still runs; it never passes
+            manifest, unreadable = None, error
         info = manifest
         scratch = self.store.temp("verify-" + path.name)
         compressed = codec_for_suffix(path.name) != "none"
@@ -521,6 +566,11 @@ class Backups:
             self.inspector.inspect(
                 path, manifest, scratch if compressed else None, progress, limits
             )
+            if unreadable is not None:
+                raise InvalidBackup(
+                    f"{unreadable}: its checksum cannot be compared (every other check passed)"
+                    "; remove the manifest if you trust the file"
+                )
         except (InvalidBackup, CorruptData) as error:
             log.warning("verification of %s failed: %s", path.name, error)
             return VerifyResult(path.name, False, str(error), info, time.monotonic() - started)
@@ -657,6 +707,14 @@ class Backups:
                 f"(it needs about {need}, {free} are free); {kept}. Free some space or point "
                 "[backup] dir at a larger disk."
             )
+        if isinstance(error, OSError) and error.errno == errno.EROFS:
+            return (
+                f"the {reason} backup failed: {error.filename or self.store.directory} is on a "
+                f"read-only file system; {kept}. Remount it read-write (a file system that "
+                "turned read-only after errors needs checking) or point [backup] dir elsewhere."
+            )
+        if isinstance(error, UnsafePath):
+            return f"the {reason} backup was refused: {error}"
         if isinstance(error, InvalidBackup):
             return (
                 f"the new {reason} backup failed verification: the copy {error}. It was "

@@ -17,8 +17,8 @@ from typing import Any
 
 from ..errors import BackupError, InvalidBackup
 from .engines.base import ContentFacts, Limits, Progress
-from .manifest import Backup, read_manifest
-from .pipeline import Backups
+from .manifest import Backup, BadManifest, read_manifest
+from .pipeline import UNTRUSTED, Backups
 from .store import remove
 
 log = logging.getLogger("dbkeeper.backup")
@@ -58,7 +58,10 @@ def prepare(backups: Backups, name: str, progress: Progress, limits: Limits) -> 
     problem = backups.engine.unavailable()
     if problem:
         raise BackupError(f"cannot restore: {problem}")
-    record = read_manifest(path)
+    try:
+        record = read_manifest(path)
+    except BadManifest as error:  # never taken for "no manifest": the checksum is not skipped
+        raise InvalidBackup(f"cannot restore {name}: {error}. {UNTRUSTED}") from None
     staging = backups.engine.staging()
     try:
         raw, facts = backups.inspector.inspect(path, record, staging, progress, limits)
@@ -103,8 +106,9 @@ def keep_current(
 def swap(backups: Backups, candidate: RestoreCandidate, *, set_aside_damaged: bool) -> list[Path]:
     """Put the candidate in place of the live database (every connection is closed).
 
-    A damaged live database is first renamed aside (its very bytes kept). On failure the live
-    database is as it was; the error says so.
+    A damaged live database first gets a second name (its very bytes kept) while it stays in
+    place; then one rename puts the candidate over it. There is a database file at every
+    instant. On failure the live database is as it was; the error says so.
     """
     engine = backups.engine
     set_aside: list[Path] = []

@@ -126,7 +126,8 @@ def create(obj: CliContext) -> None:
 def list_backups(obj: CliContext) -> None:
     """Complete, verified backups, newest first, and their totals."""
     manager = operations(obj).backups
-    backups = manager.list()
+    listing = manager.scan()
+    backups = listing.backups
     stats = manager.stats()
     if backups:
         click.echo(
@@ -147,6 +148,15 @@ def list_backups(obj: CliContext) -> None:
         )
     else:
         click.echo(f"no backups in {manager.store.directory}")
+    if listing.damaged:
+        count = len(listing.damaged)
+        click.echo(
+            f"{count} file{'s' if count != 1 else ''} with a backup's name "
+            f"{'are' if count != 1 else 'is'} not counted (`dbkeeper backup verify NAME` "
+            "checks one in full):"
+        )
+        for entry in listing.damaged:
+            click.echo(f"{entry.label:<10} {entry.name}: {entry.problem}")
     if stats.last_failure is not None:
         failure = stats.last_failure
         click.echo(f"last failure: {when(failure.at)} ({failure.reason}): {failure.error}")

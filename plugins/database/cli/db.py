@@ -23,10 +23,15 @@ T = TypeVar("T")
 
 def operations(obj: CliContext, *, existing: bool = False) -> Operations:
     """The plugin's operations for this configuration; ``existing``: a read-only command,
-    which needs a database that is already there."""
+    which needs a database that is already there.
+
+    Every command first removes what interrupted backups and restores left behind (never
+    while another process's backup or restore holds the backup directory).
+    """
     ops = Operations(obj.settings)
     if existing and not ops.database.exists():
         ops.database.connect(create=False)  # raises DatabaseMissing, with what to do
+    ops.clean_leftovers()
     return ops
 
 

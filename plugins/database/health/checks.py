@@ -208,6 +208,11 @@ class DatabaseHealth:
                 problems.append(
                     f"the newest is {duration(age)} old (one is due every {duration(interval)})"
                 )
+        if stats.damaged:
+            problems.append(
+                f"{_plural(stats.damaged, 'damaged file')} not counted (`dbkeeper backup list` "
+                "names them)"
+            )
         if stats.last_failure is not None:
             ago = duration((now - stats.last_failure.at).total_seconds())
             problems.append(f"the last attempt failed {ago} ago: {stats.last_failure.error}")

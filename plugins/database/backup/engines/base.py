@@ -117,10 +117,11 @@ class BackupEngine(Protocol):
         """Put ``raw`` in place of the live database; every connection is closed."""
 
     def set_aside(self, label: str) -> list[Path]:
-        """Rename the live database (connections closed) to keep it; returns the new paths."""
+        """Keep the live database's very bytes under a second name (connections closed) while
+        it stays in place; returns the new paths."""
 
     def put_back(self, paths: list[Path]) -> None:
-        """Undo ``set_aside``."""
+        """Undo ``set_aside`` (the live database was not replaced)."""
 
     def in_use_elsewhere(self) -> str | None:
         """Why the live database cannot be replaced now (checked before a restore starts)."""
@@ -136,6 +137,9 @@ class BackupEngine(Protocol):
 
     def leftovers(self) -> list[Path]:
         """Files of this engine left by an interrupted restore."""
+
+    def side_file(self, suffix: str) -> Path | None:
+        """A small file of dbkeeper's beside the live database (None: there is no file)."""
 
 
 @contextlib.contextmanager

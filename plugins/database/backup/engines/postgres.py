@@ -15,12 +15,15 @@ named.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
@@ -32,6 +35,11 @@ from ...settings import DatabaseSettings
 from .base import ContentFacts, Interrupted, Limits, Progress
 
 POLL_SECONDS = 0.2
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+try:  # loaded here: a forked child only calls it
+    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: the process group and the kill on failure remain
+    _prctl = None
 RESTORE_LOCK_TIMEOUT = "60s"  # pg_restore gives up (and rolls back) rather than wait forever
 _VERSION = re.compile(r"\(PostgreSQL\)\s+((\d+)[\d.]*)")
 _TOC_TABLE = re.compile(r"^\d+; \d+ \d+ TABLE (?!DATA )(\S+) (\S+) ")
@@ -152,7 +160,12 @@ class PostgresBackupEngine:
         watch: Callable[[], None] | None = None,
         environment: dict[str, str] | None = None,
     ) -> str:
-        """Run a tool to completion (or until ``limits`` stop it); return its stdout."""
+        """Run a tool to completion (or until ``limits`` stop it); return its stdout.
+
+        The tool dies with this process: it runs in a process group of its own, killed
+        whole on any failure here, and the kernel kills it when we die (a killed
+        ``backup restore`` never leaves a ``pg_restore`` replacing the database behind it).
+        """
         process = subprocess.Popen(
             args,
             env=environment or self._environment(),
@@ -160,19 +173,23 @@ class PostgresBackupEngine:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            process_group=0,
+            preexec_fn=_dies_with(os.getpid()),
         )
-        while True:
-            try:
-                stdout, stderr = process.communicate(timeout=POLL_SECONDS)
-                break
-            except subprocess.TimeoutExpired:
-                if watch is not None:
-                    watch()
-                why = limits.stopped()
-                if why:
-                    process.kill()
-                    process.communicate()
-                    raise Interrupted(why) from None
+        try:
+            while True:
+                try:
+                    stdout, stderr = process.communicate(timeout=POLL_SECONDS)
+                    break
+                except subprocess.TimeoutExpired:
+                    if watch is not None:
+                        watch()
+                    why = limits.stopped()
+                    if why:
+                        raise Interrupted(why) from None
+        except BaseException:
+            _kill_group(process)
+            raise
         if process.returncode != 0:
             lines = [line for line in stderr.strip().splitlines() if line.strip()]
             raise failure(redact("; ".join(lines[-3:]) or f"exit status {process.returncode}"))
@@ -340,6 +357,29 @@ class PostgresBackupEngine:
 
     def leftovers(self) -> list[Path]:
         return []
+
+    def side_file(self, suffix: str) -> None:
+        return None
+
+
+def _dies_with(parent: int) -> Callable[[], None]:
+    """For ``preexec_fn``: the child gets SIGKILL when its parent dies (Linux)."""
+
+    def setup() -> None:  # in the child, between fork and exec
+        if _prctl is not None:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os._exit(1)
+
+    return setup
+
+
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    """Kill the tool and anything it started (its process group), and reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        process.communicate(timeout=5)
 
 
 def _size_of(path: Path) -> int:

@@ -29,21 +29,26 @@ snapshot keeps the checkpoint from completing, the backup API copies instead.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import logging
 import os
 import secrets
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 from ...errors import BackupError, InvalidBackup
-from ...locks import FileLock, in_use_lock
+from ...locks import FileLock, check_database_directory, in_use_lock, open_private
+from ..compression import create_private, fsync_file
 from ..store import TEMP_PREFIX, fsync_directory, remove
 from .base import ContentFacts, Interrupted, Limits, Progress
 
 log = logging.getLogger("dbkeeper.backup")
 STEP_BYTES = 16 << 20
+SIDE_FILES = ("-wal", "-shm", "-journal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PROGRESS_OPCODES = 50_000  # how often a running check looks at the deadline
 
@@ -104,6 +109,7 @@ class SqliteBackupEngine:
         assert self.file is not None
         if not self.file.is_file():
             raise BackupError(f"there is no database at {self.file}: nothing to back up")
+        check_database_directory(self.file)  # SQLite may write -wal/-shm there
         # Read-write (never creating): it can recover a log a crashed writer left, and as the
         # last connection it checkpoints and removes -wal/-shm when it closes, as the bot does.
         source = sqlite3.connect(
@@ -175,7 +181,12 @@ class SqliteBackupEngine:
         """Copy the first ``size`` bytes of the database file in the kernel, in steps."""
         assert self.file is not None
         progress("snapshot", 0, size)
-        with open(self.file, "rb") as source, open(target, "wb") as copy:
+        # The target was created empty by the manager: opened again without a link followed,
+        # never truncated through its path.
+        with (
+            open(self.file, "rb") as source,
+            os.fdopen(open_private(target, create=False), "wb") as copy,
+        ):
             src, dst = source.fileno(), copy.fileno()
             done = 0
             in_kernel = hasattr(os, "copy_file_range")
@@ -290,44 +301,81 @@ class SqliteBackupEngine:
         return self.file.with_name(name)
 
     def replace_live(self, raw: Path) -> None:
+        """One rename puts ``raw`` in place: the old database or the new one is there at every
+        instant (a kill at any point never leaves no database for the next start to create).
+
+        Its side files go first: a ``-wal`` left beside the new file would be replayed into
+        it. Every connection is closed by now (the log checkpointed); a damaged database's
+        ``-wal`` and journal were kept by ``set_aside``.
+        """
         assert self.file is not None
         try:
             mode = self.file.stat().st_mode & 0o777
         except FileNotFoundError:
             mode = 0o600
-        os.chmod(raw, mode)
-        # Every connection is closed and the log checkpointed; a -wal left beside the new file
-        # would be replayed into it, so the side files go first.
-        for suffix in ("-wal", "-shm", "-journal"):
+        fd = open_private(raw, create=False)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        for suffix in SIDE_FILES:
             remove(self._side(suffix))
         os.replace(raw, self.file)
-        fsync_directory(self.file.parent)
+        try:
+            fsync_directory(self.file.parent)
+        except OSError as error:  # the rename is done: the restore is not to be undone now
+            log.warning("could not fsync %s after the restore: %s", self.file.parent, error)
 
     def set_aside(self, label: str) -> list[Path]:
-        """``bot.db`` -> ``bot.db.<label>`` (its ``-wal`` too: it may hold committed rows)."""
+        """``bot.db`` -> also ``bot.db.<label>`` (its ``-wal`` and journal too: they may hold
+        committed rows): a second name for the very same bytes, while the live file stays
+        where it is until ``replace_live`` renames the new one over it."""
         assert self.file is not None
-        moved = []
-        for suffix in ("", "-wal"):
-            source = self._side(suffix) if suffix else self.file
-            if source.exists():
-                target = self.file.with_name(f"{self.file.name}.{label}{suffix}")
-                os.replace(source, target)
-                moved.append(target)
-        remove(self._side("-shm"))
-        fsync_directory(self.file.parent)
-        return moved
+        kept = []
+        try:
+            for suffix in ("", "-wal", "-journal"):
+                source = self._side(suffix) if suffix else self.file
+                if source.exists():
+                    target = self.file.with_name(f"{self.file.name}.{label}{suffix}")
+                    _second_name(source, target)
+                    kept.append(target)
+            fsync_directory(self.file.parent)
+        except BaseException:
+            for path in kept:
+                remove(path)
+            raise
+        return kept
 
     def put_back(self, paths: list[Path]) -> None:
+        """The live database was not replaced: its side files come back where they were
+        missing, the second names go."""
         assert self.file is not None
         for path in paths:
-            suffix = "-wal" if path.name.endswith("-wal") else ""
-            os.replace(path, self._side(suffix) if suffix else self.file)
+            suffix = next((s for s in SIDE_FILES if path.name.endswith(s)), "")
+            live = self._side(suffix) if suffix else self.file
+            if suffix and not live.exists():
+                os.replace(path, live)
+            else:
+                remove(path)
 
     def leftovers(self) -> list[Path]:
-        if self.file is None or not self.file.parent.is_dir():
+        """What an interrupted restore left: its staging copy, and the second name it gave the
+        live database when it was killed before the swap (the same file: it stays the live
+        database, as before that restore). None while the live database is missing: then they
+        are what the operator may need (``interrupted_restore``)."""
+        if self.file is None or not self.file.parent.is_dir() or not self.file.exists():
             return []
-        pattern = f"{TEMP_PREFIX}restore-{self.file.name}.*"
-        return sorted(self.file.parent.glob(pattern))
+        found = _staging_files(self.file)
+        for kept in self.file.parent.glob(f"{glob.escape(self.file.name)}.damaged-*"):
+            suffix = next((s for s in SIDE_FILES if kept.name.endswith(s)), "")
+            live = self._side(suffix) if suffix else self.file
+            with contextlib.suppress(OSError):
+                if os.path.samefile(kept, live):
+                    found.append(kept)
+        return found
+
+    def side_file(self, suffix: str) -> Path | None:
+        return None if self.file is None else self._side(suffix)
 
     # -- who uses the live database -----------------------------------------------------------
 
@@ -357,7 +405,7 @@ class SqliteBackupEngine:
             self._held.downgrade()
             return None
         lock = in_use_lock(self.file)
-        if not lock.path.exists():
+        if not os.path.lexists(lock.path):
             return None
         if not lock.try_acquire():
             return self._in_use_text()
@@ -391,6 +439,46 @@ class SqliteBackupEngine:
                 lock.downgrade()
             else:
                 lock.release()
+
+
+def _staging_files(file: Path) -> list[Path]:
+    return sorted(file.parent.glob(f"{TEMP_PREFIX}restore-{file.name}.*"))
+
+
+def _second_name(source: Path, target: Path) -> None:
+    """``target`` names the same bytes as ``source`` (a hard link; a copy where the file
+    system has none)."""
+    try:
+        os.link(source, target)
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise
+        with open(source, "rb") as data, create_private(target) as copy:
+            shutil.copyfileobj(data, copy, 1 << 20)
+            fsync_file(copy)
+
+
+def interrupted_restore(file: Path) -> str | None:
+    """Why no database may be created at ``file`` (it is missing): a restore was interrupted
+    there, and what it kept is beside it. None when nothing of the kind is there."""
+    if file.exists() or not file.parent.is_dir():
+        return None
+    damaged = sorted(file.parent.glob(f"{glob.escape(file.name)}.damaged-*"))
+    damaged = [path for path in damaged if not path.name.endswith(SIDE_FILES)]
+    staging = _staging_files(file)
+    if not damaged and not staging:
+        return None
+    if damaged:
+        found = f"the database set aside by a restore, {damaged[-1]}"
+        undo = f"`mv {damaged[-1]} {file}` puts it back"
+    else:
+        found = f"the verified copy of an unfinished restore, {staging[-1]}"
+        undo = f"`mv {staging[-1]} {file}` finishes that restore"
+    return (
+        f"there is no database at {file}, but {found} is there: dbkeeper does not create an "
+        f"empty database in its place. {undo}; `dbkeeper backup restore NAME` restores a "
+        "backup instead; to start with an empty database, move that file out of the directory."
+    )
 
 
 def _sqlite_failure(error: sqlite3.Error, doing: str) -> BackupError:
