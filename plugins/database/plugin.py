@@ -56,6 +56,7 @@ class DatabasePlugin(Plugin):
         self.health: DatabaseHealth | None = None
         self.leadership: Leadership | None = None
         self._backup_stop = threading.Event()
+        self._stepped_down = threading.Event()  # stops the scheduled backup of a leader no more
         self._deferred: asyncio.Task[None] | None = None
 
     @classmethod
@@ -136,6 +137,7 @@ class DatabasePlugin(Plugin):
             raise StartupError(str(error)) from error
         await asyncio.to_thread(report_foreign_engines)
         if self.leadership is not None and self.context is not None:
+            self.leadership.on_change(self._follow_leadership)
             await self.leadership.start()
             # From now on only the leader alerts, polls and backs up (before: this instance,
             # so a failed startup is always alerted).
@@ -199,6 +201,14 @@ class DatabasePlugin(Plugin):
     def _leader(self) -> str:
         return (self.leadership.leader if self.leadership else None) or "another instance"
 
+    async def _follow_leadership(self, is_leader: bool) -> None:
+        """A leader that steps down stops its scheduled backup: the shared backup lock is the
+        next leader's (and a backup through a cut connection fails anyway)."""
+        if is_leader:
+            self._stepped_down.clear()
+        else:
+            self._stepped_down.set()
+
     def _start_backups(self) -> None:
         """After a successful start: hold the database, schedule backups, finish old work."""
         backups = self.operations.backups
@@ -229,7 +239,9 @@ class DatabasePlugin(Plugin):
             log.debug("scheduled backup left to the leader (%s)", self._leader())
             return
         try:
-            await self.backup_now("scheduled")
+            await asyncio.to_thread(
+                self.operations.backups.create, "scheduled", stop=self._stepped_down
+            )
         except BackupInProgress as busy:
             # Not queued behind it (a job waiting on a lock would hold up shutdown): tried again
             # shortly, so that a long restore or compression does not cost a whole interval.
@@ -238,6 +250,9 @@ class DatabasePlugin(Plugin):
             if self.context is not None:
                 self.context.add_job(self._scheduled_backup, name=BACKUP_RETRY_JOB, first=retry)
         except (BackupError, OSError) as error:
+            if self._stepped_down.is_set():
+                log.info("scheduled backup stopped: this instance stepped down as leader")
+                return
             await self._alert_backup_failure(str(error))
 
     async def _compress_deferred(self) -> None:
