@@ -2,7 +2,7 @@
 
 Startup: connect, migrate and validate (``Operations.open``) off the event loop, then lead or
 stand by, then schedule backups. Shutdown, in order: scheduled backups stop, the WAL is
-flushed, the final backup (the leader's), the database closes, the leader lock goes to a
+flushed, the final backup (the leader's), the database closes, the leader lease goes to a
 standby.
 """
 
@@ -151,7 +151,7 @@ class DatabasePlugin(Plugin):
 
     async def stop(self, deadline: Deadline) -> None:
         """Shutdown, in order: scheduled backups stop, the WAL is flushed, the final backup
-        (the leader's), the database closes, and the leader lock goes to a standby."""
+        (the leader's), the database closes, and the leader lease goes to a standby."""
         ops = self.operations
         try:
             await self._stop_backups()
