@@ -158,6 +158,31 @@ async def test_a_leader_cut_off_steps_down_before_a_standby_takes_over_and_learn
     assert changes.names() == [("alpha", True), ("alpha", False), ("beta", True)]
 
 
+async def test_a_leader_whose_connection_hangs_steps_down_and_its_session_is_ended(
+    postgres_url: str, elect: Factory, proxy: TCPProxy
+) -> None:
+    """No reset, no answer (a network that drops everything): the server keeps alpha's
+    session and lock, so beta waits for the stuck bound, then ends that session."""
+    changes = Changes()
+    alpha = elect("alpha", proxy.url(postgres_url), POLL)
+    beta = elect("beta", postgres_url, POLL)
+    for leadership in (alpha, beta):
+        changes.follow(leadership)
+    await alpha.start()
+    await beta.start()
+    await asyncio.sleep(2 * POLL)
+    proxy.hang()
+    hung = time.monotonic()
+    await wait_for(lambda: ("beta", True) in changes.names(), "beta to take over")
+    stepped_down, took_over = changes.at("alpha", False), changes.at("beta", True)
+    assert stepped_down - hung <= 2 * POLL + SLACK
+    assert took_over - hung >= 3 * POLL  # the lock is still held: the stuck bound applies
+    assert took_over - hung <= 5 * POLL + SLACK
+    proxy.forward()  # alpha's hung round resumes on a session that no longer exists
+    await wait_for(lambda: alpha.leader == "beta", "alpha to learn that beta leads", 10)
+    assert (alpha.is_leader, beta.is_leader) == (False, True)
+
+
 async def test_a_stuck_leader_loses_its_lease_and_learns_it_before_acting_again(
     postgres_url: str, elect: Factory
 ) -> None:
@@ -256,6 +281,32 @@ async def test_a_paused_sqlite_leader_keeps_the_lead_until_it_exits(
     assert alpha.is_leader
     await alpha.stop()
     await wait_for(lambda: beta.is_leader, "beta to take over from the stopped leader", 5)
+
+
+async def test_a_role_that_cannot_create_the_lease_table_is_told_what_to_do(
+    postgres_url: str, elect: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    role = f"dbkeeper_test_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:  # PostgreSQL 15+: PUBLIC may not create in public
+        connection.execute(text(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'"))
+        connection.execute(text("REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
+    url = make_url(postgres_url).set(username=role, password="pw")
+    try:
+        alpha = elect("alpha", url.render_as_string(hide_password=False))
+        await alpha.start()
+        assert not alpha.is_leader
+        assert "cannot create the table dbkeeper_leader" in caplog.text
+        assert "Grant this role CREATE on the schema" in caplog.text
+        await alpha.stop()
+    finally:
+        with admin.connect() as connection:
+            connection.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = :r"),
+                {"r": role},
+            )
+            connection.execute(text(f"DROP ROLE {role}"))
+        admin.dispose()
 
 
 async def test_the_lease_table_is_bookkeeping(

@@ -295,9 +295,17 @@ class _PostgresLease:
         """Create the table and its row when missing (instances starting together may race)."""
         try:
             dbkeeper_leader.create(connection, checkfirst=True)
-        except (exc.IntegrityError, exc.ProgrammingError):
-            if not connection.dialect.has_table(connection, dbkeeper_leader.name):
-                raise  # not the race with another instance: a real problem
+        except (exc.IntegrityError, exc.ProgrammingError) as error:
+            if connection.dialect.has_table(connection, dbkeeper_leader.name):
+                pass  # another instance created it meanwhile
+            elif getattr(error.orig, "sqlstate", None) == "42501":
+                raise PermissionError(
+                    f"cannot create the table {dbkeeper_leader.name}, which holds the leader's "
+                    "lease (permission denied): until it exists no instance leads. Grant this "
+                    "role CREATE on the schema, or start one instance once with a role that can"
+                ) from None
+            else:
+                raise
         connection.execute(
             pg_insert(dbkeeper_leader)
             .values(id=1, holder="", token="", term=0, beat=0)
@@ -523,7 +531,7 @@ class Leadership:
             return
         self._failing_since = time.monotonic()
         if self._claim is None:
-            log.warning("leader election: cannot reach the database (%s)", why)
+            log.warning("leader election failed (%s); trying again", why)
             return
         left = self._confirmed_at + self.times.step_down - time.monotonic()
         log.warning(
