@@ -116,7 +116,6 @@ class _Lease:
 class _Claim:
     """This instance's claim: leads from ``act_from`` (monotonic) while renewed."""
 
-    term: int
     act_from: float
 
 
@@ -155,6 +154,8 @@ class _PostgresLease:
             except BaseException:
                 self._ready = False  # check the table again (a restore may have replaced it)
                 self._seen = None  # out of contact: watch the heartbeat afresh
+                if not self._token:
+                    self._release_lock()  # a lock taken to look (or for a claim lost in transit)
                 raise
 
     def release(self) -> None:
@@ -260,7 +261,7 @@ class _PostgresLease:
                 max(0.0, act_from - time.monotonic()),
             )
         self._hold_lock()
-        return _Outcome(started, "claimed", leader=self.instance, claim=_Claim(term, act_from))
+        return _Outcome(started, "claimed", leader=self.instance, claim=_Claim(act_from))
 
     def _end_stuck(self, connection: Connection, stuck: _Lease, silent: float) -> None:
         """The old leader's session still holds the lock: end it, so the lock follows the lease
@@ -342,7 +343,7 @@ class _FileLease:
             if self.lock.held:  # the kernel keeps it for as long as we live
                 return _Outcome(started, "renewed", leader=self.instance)
             if self.lock.try_acquire():
-                claim = _Claim(term=0, act_from=time.monotonic())
+                claim = _Claim(act_from=time.monotonic())
                 return _Outcome(started, "claimed", leader=self.instance, claim=claim)
             holder = self.lock.holder()
             leader = None if holder == "another process" else holder
@@ -492,8 +493,11 @@ class Leadership:
         now = time.monotonic()
         if self._pending is None:
             wake = self._next_round_at
-        else:
-            wake = self._pending_since + self._hung_after  # a round that hangs is noted then
+        elif self._pending.done():
+            return now  # settle it
+        else:  # when it finishes (``_wait_until``), or when it counts as hanging
+            noted = self._pending_since + self._hung_after
+            wake = noted if noted > now else math.inf
         claim = self._claim
         if claim is not None:
             for moment in (claim.act_from, self._confirmed_at + self.times.step_down):
@@ -502,11 +506,12 @@ class Leadership:
         return wake
 
     async def _wait_until(self, moment: float) -> None:
-        delay = max(0.0, moment - time.monotonic())
+        """Until ``moment`` (monotonic), or until the round under way finishes."""
+        delay = None if moment == math.inf else max(0.0, moment - time.monotonic())
         if self._pending is not None and not self._pending.done():
             await asyncio.wait({self._pending}, timeout=delay)
         else:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(self.times.poll if delay is None else delay)
 
     def _settle(self) -> None:
         """Apply the round that finished; note one that hangs."""
@@ -534,12 +539,8 @@ class Leadership:
             log.warning("leader election failed (%s); trying again", why)
             return
         left = self._confirmed_at + self.times.step_down - time.monotonic()
-        log.warning(
-            "%s cannot renew its leader lease (%s); it stops leading in %.1fs unless it can",
-            self.instance,
-            why,
-            max(0.0, left),
-        )
+        then = f"it stops leading in {left:.1f}s unless it can" if left > 0 else "not leading"
+        log.warning("%s cannot renew its leader lease (%s); %s", self.instance, why, then)
 
     def _apply(self, outcome: _Outcome) -> None:
         if self._stopped:
