@@ -226,7 +226,7 @@ class InstanceSettings:
         seconds(0.1),
         doc=(
             "P: the leader renews its lease every P and steps down 2P after its last renewal; "
-            "a standby takes over 3P to 5P after the last one it saw"
+            "a standby takes over within 4P of its death, 6P of it hanging"
         ),
     )
 
