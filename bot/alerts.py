@@ -295,6 +295,7 @@ class Alerter:
         # With several instances on one database only the leader alerts; this names the
         # leader while this instance stands by (None: send). Set by the database plugin.
         self.standing_by: Callable[[], str | None] = lambda: None
+        self._announced = False  # this instance sent the opening message of the current problem
         telegram = settings.telegram
         chats = [telegram.alert_chat_id] if telegram.alert_chat_id else list(telegram.admin_ids)
         self.telegram: TelegramSender | None = None
@@ -307,10 +308,16 @@ class Alerter:
             )
 
     def observe(self, report: HealthReport) -> None:
-        """Health monitor listener."""
+        """Health monitor listener. Whoever announced a problem also says it is resolved, even
+        if it stands by meanwhile (a leader cut off from the database, replaced meanwhile)."""
         text = self.policy.observe(report)
-        if text is not None:
-            self._send(text)
+        if text is None:
+            return
+        if report.status is Status.HEALTHY:
+            announced, self._announced = self._announced, False
+            self._send(text, resolves=announced)
+        elif self._send(text):
+            self._announced = True
 
     async def alert(self, text: str, *, key: str | None = None) -> None:
         """Send an event alert (returns at once; delivery happens in the background)."""
@@ -320,16 +327,18 @@ class Alerter:
             return
         self._send(message)
 
-    def _send(self, text: str) -> None:
+    def _send(self, text: str, *, resolves: bool = False) -> bool:
+        """Send ``text`` unless this instance stands by (``resolves``: send anyway)."""
         text = redact(text)
-        leader = self.standing_by()
+        leader = None if resolves else self.standing_by()
         if leader is not None:
             log.info("not alerting (standby; %s leads and alerts): %s", leader, text[:200])
-            return
+            return False
         self.logged += 1
         log.warning("ALERT %s", text.replace("\n", " | "))
         if self.telegram is not None:
             self.telegram.submit(text)
+        return True
 
     @property
     def sent(self) -> int:

@@ -138,8 +138,9 @@ class Host:
         self.leadership = election
 
     def _standing_by(self) -> str | None:
-        """Only the leader alerts; standbys log what they would have sent."""
-        if self.leadership.is_leader:
+        """Only the leader alerts (or a leader cut off from the election, for the outage it
+        sees); standbys log what they would have sent."""
+        if self.leadership.sends_alerts:
             return None
         return self.leadership.leader or "another instance"
 

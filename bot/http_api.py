@@ -131,7 +131,12 @@ class HealthServer:
         return web.json_response(body, status=code, headers=NO_STORE)
 
     async def _livez(self, _request: web.Request) -> web.Response:
-        body = {"status": "alive", "uptime": round(self.host.uptime, 3)}
+        # Whether this instance leads right now: from memory, never the database.
+        body = {
+            "status": "alive",
+            "uptime": round(self.host.uptime, 3),
+            "leading": self.host.is_leader,
+        }
         return web.json_response(body, headers=NO_STORE)
 
     async def _readyz(self, _request: web.Request) -> web.Response:

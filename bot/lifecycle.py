@@ -47,14 +47,17 @@ a half-written backup or a half-closed database.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import gc
 import logging
+import math
 import signal
 import time
 from urllib.parse import urlsplit
 
 from telegram.error import InvalidToken, TelegramError
 
+from dbkeeper.app import gate_updates
 from dbkeeper.host import Host
 from dbkeeper.plugin import Deadline, StartupError, StartupInterrupted
 
@@ -62,6 +65,7 @@ log = logging.getLogger("dbkeeper.lifecycle")
 EXIT_OK = 0
 EXIT_STARTUP_FAILED = 1
 TELEGRAM_RETRY_MAX_SECONDS = 60.0
+LONG_POLL_SECONDS = 10.0  # PTB's default getUpdates timeout
 
 
 class StopRequest:
@@ -279,19 +283,27 @@ async def _serve_webhook(host: Host) -> None:
 
 async def _poll_while_leading(host: Host) -> None:
     """Polling mode: Telegram serves one getUpdates poller per token (a second gets 409
-    Conflict), so only the leader polls; a standby starts when it takes over."""
+    Conflict), so only the leader polls; a standby starts when it takes over.
+
+    Each getUpdates asks the election first (``gate_updates``): a leader whose lease ran out
+    sends none, even before it has stopped polling. A long poll lasts at most the election's
+    margin, so one still open when a leader stopped confirming ends before a standby polls."""
     updater = host.application.updater
     assert updater is not None
+    gate_updates(host.application, lambda: host.is_leader)
+    # Whole seconds, as the Bot API takes them (at least 1).
+    seconds = max(1, math.floor(min(LONG_POLL_SECONDS, host.leadership.margin_seconds)))
+    long_poll = dt.timedelta(seconds=seconds)
 
     async def follow(is_leader: bool) -> None:
         if host.state in ("stopping", "stopped"):
             return  # shutdown stops the updater itself; never start polling again
         if is_leader and not updater.running:
-            await updater.start_polling(error_callback=_log_polling_error)
+            await updater.start_polling(timeout=long_poll, error_callback=_log_polling_error)
             log.info("taking updates from Telegram (polling)")
         elif not is_leader and updater.running:
             await updater.stop()
-            log.info("stopped polling: %s leads and polls", host.leader or "another instance")
+            log.info("stopped polling: %s leads and polls", host.leader or "no instance now")
 
     host.leadership.on_change(follow)
     if not host.is_leader:

@@ -289,3 +289,22 @@ async def test_local_mode_alerts_go_to_the_log(caplog: pytest.LogCaptureFixture)
     assert lines[0].startswith("ALERT 🔴 dbkeeper on ") and "| 🔴 database: unhealthy" in lines[0]
     assert lines[1].endswith(": backup failed: disk full")
     assert alerts.sent == 2
+
+
+async def test_whoever_announced_a_problem_resolves_it_even_when_standing_by() -> None:
+    """A leader cut off from the database alerts its outage; replaced meanwhile, it still sends
+    the resolution (nobody else announced it). A standby never resolves what it did not say."""
+    settings = settings_from_mapping({}, environ={})
+    speaking = {"alpha": True, "beta": False}
+    alpha, beta = Alerter(settings, None, source="alpha"), Alerter(settings, None, source="beta")
+    alpha.standing_by = lambda: None if speaking["alpha"] else "beta"
+    beta.standing_by = lambda: None if speaking["beta"] else "alpha"
+    alpha.observe(report(database=U))  # only alpha is cut off
+    beta.observe(report(database=H))
+    speaking.update(alpha=False, beta=True)  # beta took over meanwhile
+    for alerts in (alpha, beta):
+        alerts.observe(report(database=H))
+    assert (alpha.sent, beta.sent) == (2, 0)
+    alpha.observe(report(database=U))  # a new problem, seen while standing by: not sent
+    alpha.observe(report(database=H))
+    assert alpha.sent == 2

@@ -232,6 +232,14 @@ def backup_lock(directory: Path) -> FileLock:
 # -- PostgreSQL advisory locks --------------------------------------------------------------------
 
 
+# The granted lock ``(:ns, :id)`` in the current database (advisory keys are per database).
+_HELD_HERE = (
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
+    "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "AND l.classid = :ns AND l.objid = :id AND l.objsubid = 2"
+)
+
+
 class AdvisoryLock:
     """A PostgreSQL session advisory lock, taken on a connection the caller gives.
 
@@ -309,13 +317,21 @@ class AdvisoryLock:
         """The session holding the lock in this database (pid, application_name, start)."""
         query = text(
             "SELECT a.pid, a.application_name, a.backend_start "
-            "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
-            "(SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "AND l.classid = :ns AND l.objid = :id AND l.objsubid = 2"
+            "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid " + _HELD_HERE
         )
         with self.engine.connect() as connection:
             return connection.execute(query, {"ns": ADVISORY_NAMESPACE, "id": self.lock_id}).first()
+
+    def end_holding_session(self, connection: Connection) -> bool:
+        """End the session that holds the lock in this database (a holder that is stuck: the
+        lock goes with its session). False when nobody held it; raises when not permitted
+        (ending another role's session needs ``pg_signal_backend``)."""
+        ended = connection.execute(
+            text("SELECT pg_terminate_backend(l.pid) FROM pg_locks l " + _HELD_HERE),
+            {"ns": ADVISORY_NAMESPACE, "id": self.lock_id},
+        ).first()
+        connection.commit()
+        return bool(ended and ended[0])
 
     def holder(self) -> str:
         try:

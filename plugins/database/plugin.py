@@ -2,7 +2,7 @@
 
 Startup: connect, migrate and validate (``Operations.open``) off the event loop, then lead or
 stand by, then schedule backups. Shutdown, in order: scheduled backups stop, the WAL is
-flushed, the final backup (the leader's), the database closes, the leader lock goes to a
+flushed, the final backup (the leader's), the database closes, the leader lease goes to a
 standby.
 """
 
@@ -56,6 +56,7 @@ class DatabasePlugin(Plugin):
         self.health: DatabaseHealth | None = None
         self.leadership: Leadership | None = None
         self._backup_stop = threading.Event()
+        self._stepped_down = threading.Event()  # stops the scheduled backup of a leader no more
         self._deferred: asyncio.Task[None] | None = None
 
     @classmethod
@@ -138,6 +139,7 @@ class DatabasePlugin(Plugin):
             raise (StartupInterrupted if interrupted else StartupError)(str(error)) from error
         await asyncio.to_thread(report_foreign_engines)
         if self.leadership is not None and self.context is not None:
+            self.leadership.on_change(self._follow_leadership)
             await self.leadership.start()
             # From now on only the leader alerts, polls and backs up (before: this instance,
             # so a failed startup is always alerted).
@@ -152,7 +154,7 @@ class DatabasePlugin(Plugin):
 
     async def stop(self, deadline: Deadline) -> None:
         """Shutdown, in order: scheduled backups stop, the WAL is flushed, the final backup
-        (the leader's), the database closes, and the leader lock goes to a standby."""
+        (the leader's), the database closes, and the leader lease goes to a standby."""
         ops = self.operations
         try:
             await self._stop_backups()
@@ -202,6 +204,14 @@ class DatabasePlugin(Plugin):
     def _leader(self) -> str:
         return (self.leadership.leader if self.leadership else None) or "another instance"
 
+    async def _follow_leadership(self, is_leader: bool) -> None:
+        """A leader that steps down stops its scheduled backup: the shared backup lock is the
+        next leader's (and a backup through a cut connection fails anyway)."""
+        if is_leader:
+            self._stepped_down.clear()
+        else:
+            self._stepped_down.set()
+
     def _start_backups(self) -> None:
         """After a successful start: hold the database, schedule backups, finish old work."""
         backups = self.operations.backups
@@ -232,7 +242,9 @@ class DatabasePlugin(Plugin):
             log.debug("scheduled backup left to the leader (%s)", self._leader())
             return
         try:
-            await self.backup_now("scheduled")
+            await asyncio.to_thread(
+                self.operations.backups.create, "scheduled", stop=self._stepped_down
+            )
         except BackupInProgress as busy:
             # Not queued behind it (a job waiting on a lock would hold up shutdown): tried again
             # shortly, so that a long restore or compression does not cost a whole interval.
@@ -241,6 +253,9 @@ class DatabasePlugin(Plugin):
             if self.context is not None:
                 self.context.add_job(self._scheduled_backup, name=BACKUP_RETRY_JOB, first=retry)
         except (BackupError, OSError) as error:
+            if self._stepped_down.is_set():
+                log.info("scheduled backup stopped: this instance stepped down as leader")
+                return
             await self._alert_backup_failure(str(error))
 
     async def _compress_deferred(self) -> None:

@@ -1,17 +1,29 @@
 """dbkeeper's bookkeeping tables, defined once.
 
 ``alembic_version`` is Alembic's (the current revision); ``schema_migrations`` is dbkeeper's
-(every attempt to apply, revert or adopt a revision). Neither belongs to the bot's schema: drift
-detection, autogenerate (``alembic_env.include_object``), record counts and row counts leave
-them out.
+(every attempt to apply, revert or adopt a revision); ``dbkeeper_leader`` is the leader's lease
+on PostgreSQL (one row: who leads, and its heartbeat; see ``leadership.py``). None belongs to the
+bot's schema: drift detection, autogenerate (``alembic_env.include_object``), record counts and
+row counts leave them out.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Column, DateTime, Integer, MetaData, String, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
 
 VERSION_TABLE = "alembic_version"
 HISTORY_TABLE = "schema_migrations"
+LEADER_TABLE = "dbkeeper_leader"
 
 bookkeeping_metadata = MetaData()
 schema_migrations = Table(
@@ -33,7 +45,21 @@ schema_migrations = Table(
 )
 
 
-BOOKKEEPING_TABLES = frozenset({HISTORY_TABLE, VERSION_TABLE})
+# Its own MetaData: the leader election creates it, on PostgreSQL only (SQLite instances share
+# one machine and elect with a file lock), not the migrator with ``schema_migrations``.
+leader_metadata = MetaData()
+dbkeeper_leader = Table(
+    LEADER_TABLE,
+    leader_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # always 1: one lease
+    Column("holder", String(255), nullable=False),  # the instance's name; "" when released
+    Column("token", String(64), nullable=False),  # the holder's claim; "" when released
+    Column("term", BigInteger, nullable=False),  # +1 with every claim
+    Column("beat", BigInteger, nullable=False),  # +1 with every renewal: the heartbeat
+    Column("renewed_at", DateTime(timezone=True)),  # for people: nobody compares clocks
+)
+
+BOOKKEEPING_TABLES = frozenset({HISTORY_TABLE, VERSION_TABLE, LEADER_TABLE})
 
 
 def is_bookkeeping(name: str) -> bool:
