@@ -347,7 +347,8 @@ def test_a_paused_leader_loses_its_lease_and_stands_by_when_it_resumes(
     assert [t for t in roles.leading("beta") if t > resumed]
     assert api.conflicts == 0  # the resumed leader sent no getUpdates
     beta.wait_for_line("(scheduled): ")
-    for process in (beta, alpha):
+    # The standby first: stopping the leader first would hand alpha the lease again.
+    for process in (alpha, beta):
         assert process.stop() == 0
     assert ") started" not in alpha.output.split("alpha lost the lead")[1]  # no backup after
 
