@@ -616,7 +616,8 @@ class SchemaChange:
         log.info("adopted the database at %s (%s)", revision.name, revision.label)
 
     def apply(self, revision: Revision, direction: str) -> AppliedStep | None:
-        """Run one revision up or down, retrying transient errors; raise on anything else.
+        """Run one revision up or down, retrying transient errors (the one retry policy);
+        raise on anything else.
 
         Returns None when, after taking a lost lock again, another instance had done it.
         Each attempt first commits a "running" row, then runs the revision in a transaction
@@ -628,7 +629,8 @@ class SchemaChange:
         verb = "applying" if direction == "upgrade" else "reverting"
         unrecorded: list[dict[str, Any]] = []
         attempts = migrator.retry.attempts
-        for attempt in range(1, attempts + 1):
+
+        def attempt_once(attempt: int) -> AppliedStep | None:
             self._relock_if_lost()
             if self._already_done(revision, direction):
                 log.info(
@@ -660,59 +662,21 @@ class SchemaChange:
                 unrecorded.clear()
                 self._run(revision, direction, attempt_id, started)
             except Exception as error:
-                elapsed, reason = _ms_since(started), describe_error(error)
                 interrupted = migrator.interrupted
-                transient = is_transient(error) and not interrupted
-                retrying = transient and attempt < attempts
+                reason = describe_error(error)
                 if interrupted:
                     reason = f"{INTERRUPTED}{interrupted}; the revision was rolled back"
                 failure = {
                     "direction": direction,
                     "attempt": attempt,
                     "started_at": started_at,
-                    "execution_ms": elapsed,
+                    "execution_ms": _ms_since(started),
                     "error": reason,
                     **_row_fields(revision),
                 }
-                delay = migrator.retry.delay(attempt)
-                if retrying:
-                    log.warning(
-                        "%s revision %s failed (attempt %d of %d, transient): %s; "
-                        "retrying in %.1fs",
-                        verb,
-                        revision.id,
-                        attempt,
-                        attempts,
-                        reason,
-                        delay,
-                    )
                 if not self._record_failure(attempt_id, failure):
                     unrecorded.append(failure)
-                if interrupted:
-                    again = (
-                        "Start again to apply it; a long revision is best applied on its own "
-                        "before the new version starts (`dbkeeper db migrate`)."
-                        if direction == "upgrade"
-                        else "Run the downgrade again to revert it."
-                    )
-                    raise MigrationInterrupted(
-                        f"{verb} revision {revision.label} was interrupted ({interrupted}) and "
-                        f"rolled back; the database stays at the version before it. {again}"
-                    ) from None
-                if not transient:
-                    raise MigrationError(
-                        f"{verb} revision {revision.label} failed: {reason}. The change was "
-                        "rolled back and the database stays at the version before it; fix the "
-                        "revision and start again (`dbkeeper db history` shows every attempt)."
-                    ) from error
-                if not retrying:
-                    raise MigrationError(
-                        f"{verb} revision {revision.label} still failed after {attempts} "
-                        f"attempts: {reason}. The database stays at the version before it; "
-                        "start again once the database is free."
-                    ) from error
-                migrator.retry.sleep(delay)
-                continue
+                raise _FailedAttempt(reason, interrupted, is_transient(error)) from error
             elapsed_ms = _ms_since(started)
             log.info(
                 "%s %s in %d ms%s",
@@ -722,7 +686,48 @@ class SchemaChange:
                 f" (attempt {attempt})" if attempt > 1 else "",
             )
             return AppliedStep(revision, direction, elapsed_ms, attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        def report_retry(attempt: int, error: BaseException, delay: float) -> None:
+            log.warning(
+                "%s revision %s failed (attempt %d of %d, transient): %s; retrying in %.1fs",
+                verb,
+                revision.id,
+                attempt,
+                attempts,
+                getattr(error, "reason", error),
+                delay,
+            )
+
+        try:
+            return migrator.retry.run(
+                attempt_once,
+                on_retry=report_retry,
+                retryable=lambda error: isinstance(error, _FailedAttempt) and error.retryable,
+            )
+        except _FailedAttempt as failed:
+            cause = failed.__cause__
+            if failed.interrupted:
+                again = (
+                    "Start again to apply it; a long revision is best applied on its own "
+                    "before the new version starts (`dbkeeper db migrate`)."
+                    if direction == "upgrade"
+                    else "Run the downgrade again to revert it."
+                )
+                raise MigrationInterrupted(
+                    f"{verb} revision {revision.label} was interrupted ({failed.interrupted}) "
+                    f"and rolled back; the database stays at the version before it. {again}"
+                ) from None
+            if not failed.transient:
+                raise MigrationError(
+                    f"{verb} revision {revision.label} failed: {failed.reason}. The change was "
+                    "rolled back and the database stays at the version before it; fix the "
+                    "revision and start again (`dbkeeper db history` shows every attempt)."
+                ) from cause
+            raise MigrationError(
+                f"{verb} revision {revision.label} still failed after {attempts} "
+                f"attempts: {failed.reason}. The database stays at the version before it; "
+                "start again once the database is free."
+            ) from cause
 
     def _run(self, revision: Revision, direction: str, attempt_id: int, started: float) -> None:
         """The revision itself: with a sharing env.py, in one transaction with its row."""
@@ -779,6 +784,20 @@ class SchemaChange:
                 describe_error(error),
             )
             return False
+
+
+class _FailedAttempt(Exception):
+    """One attempt at a revision failed (and was recorded); whether another may help."""
+
+    def __init__(self, reason: str, interrupted: str | None, transient: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.interrupted = interrupted
+        self.transient = transient
+
+    @property
+    def retryable(self) -> bool:
+        return self.transient and not self.interrupted
 
 
 def _check_foreign_keys(conn: Connection) -> None:
