@@ -201,11 +201,12 @@ async def test_database_checks_give_the_contract_messages(
             report.checks["disk_space"].message,
         )
         backups = report.checks["database_backups"]
-        assert (backups.status, backups.message) == (
-            Status.DEGRADED,
-            "0 backups | 0.00 MB | no backup yet",
+        # A fresh install is not a problem: not until its first backup is overdue (issue 10).
+        assert backups.status is Status.HEALTHY
+        assert re.fullmatch(
+            r"0 backups \| 0.00 MB \| no backup yet; the first is due in \d+s", backups.message
         )
-        assert report.status is Status.DEGRADED  # only the missing backup
+        assert report.status is Status.HEALTHY
 
         taken = await plugin.backup_now()
         report = await host.monitor.check()

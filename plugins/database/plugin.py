@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -220,6 +221,8 @@ class DatabasePlugin(Plugin):
         if self.context is not None and backups.available:
             interval = self.operations.backup_settings.interval_seconds
             first = self._first_backup_in(interval)
+            if self.health is not None and not backups.list():
+                self.health.first_backup_due = time.monotonic() + first
             self.context.add_job(
                 self._scheduled_backup, name=BACKUP_JOB, interval=interval, first=first
             )

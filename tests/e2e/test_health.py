@@ -52,12 +52,15 @@ def standin() -> Iterator[TelegramAPIStandIn]:
 
 
 def test_local_mode_serves_health_metrics_and_probes_then_stops(tmp_path: Path) -> None:
-    config, port = _config(tmp_path, f"sqlite:///{tmp_path / 'bot.db'}")
+    # A database above its size warning: degraded from the first check.
+    config, port = _config(
+        tmp_path, f"sqlite:///{tmp_path / 'bot.db'}", health={"size_warning_mb": 0.01}
+    )
     with BotProcess(["--config", str(config), "run"], cwd=tmp_path) as bot:
         bot.wait_for_line("dbkeeper is running")
         status, text = _get(port, "/health")
         body = json.loads(text)
-        assert status == 200 and body["status"] == "degraded"  # no backup yet
+        assert status == 200 and body["status"] == "degraded"  # the size warning
         assert body["checks"]["database"]["message"] == "Schema v3 | 4 tables | 0 records"
         assert _get(port, "/livez")[0] == 200
         assert _get(port, "/readyz") == (200, '{"status": "ready"}')
@@ -69,7 +72,8 @@ def test_local_mode_serves_health_metrics_and_probes_then_stops(tmp_path: Path) 
     assert f"health HTTP API on http://127.0.0.1:{port}" in bot.output
     assert "first health check: degraded" in bot.output
     # Local mode: the alert is a log line.
-    assert "ALERT ⚠️ dbkeeper on " in bot.output and "no backup yet" in bot.output
+    assert "ALERT ⚠️ dbkeeper on " in bot.output and "above the 0.01 MB warning" in bot.output
+    assert "no backup yet |" not in bot.output  # a fresh install is not a problem
     with pytest.raises(OSError):
         _get(port, "/livez", timeout=2)  # the server closed with the process
 

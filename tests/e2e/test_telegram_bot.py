@@ -85,7 +85,7 @@ def test_admin_commands_answer_and_strangers_get_nothing(
         health = api.wait_for_message(lambda m: "database_migrations" in m["text"], ADMIN)
         assert health["parse_mode"] == "HTML"
         first_line = health["text"].splitlines()[0]
-        assert "degraded" in first_line  # no backup yet: the verdict comes first
+        assert "<b>healthy</b>" in first_line  # the verdict first (a fresh install is healthy)
         assert "Schema v3 | 4 tables" in health["text"] and "v3 (0 pending)" in health["text"]
         assert "(the leader)" in health["text"]
 
@@ -139,13 +139,13 @@ def test_a_failing_bot_api_neither_crashes_the_bot_nor_loses_alerts(
 ) -> None:
     api.fail(status=500)  # every method but getUpdates, from the start
     api.fail("getUpdates", status=500)
-    with _start(tmp_path, api, health={"interval_seconds": 0.5}) as bot:
+    with _start(tmp_path, api, health={"interval_seconds": 0.5, "size_warning_mb": 0.01}) as bot:
         bot.wait_for_line("cannot reach the Telegram Bot API")
-        bot.wait_for_line("ALERT")  # degraded: no backup yet; queued, not lost
+        bot.wait_for_line("ALERT")  # degraded: above the size warning; queued, not lost
         bot.wait_for_line("dbkeeper is running")  # database work went on regardless
         api.recover()
         alert = api.wait_for_message("degraded", chat_id=ADMIN, timeout=60)
-        assert "no backup yet" in alert["text"]
+        assert "above the 0.01 MB warning" in alert["text"]
         api.push_command("/health", user_id=ADMIN)
         api.wait_for_message(lambda m: "database_migrations" in m["text"], ADMIN, timeout=30)
         assert bot.process.poll() is None

@@ -56,6 +56,7 @@ from ..timeouts import Interrupter, offload
 from .probes import Overview, probe_for
 
 log = logging.getLogger("dbkeeper.database.health")
+FIRST_BACKUP_GRACE_SECONDS = 300.0
 T = TypeVar("T")
 
 
@@ -102,6 +103,9 @@ class DatabaseHealth:
         self._scan_task: asyncio.Task[None] | None = None
         self._scan_interrupter: Interrupter | None = None
         self.background_scans = background_scans  # False: say the scan is left out (the CLI)
+        # When the first scheduled backup is due (monotonic), set by the running plugin: until
+        # then (and a grace for a large first backup) a database without backups is no problem.
+        self.first_backup_due: float | None = None
 
     def register(self, context: PluginContext) -> None:
         from .metrics import DatabaseMetrics
@@ -201,7 +205,20 @@ class DatabaseHealth:
         interval = self.backup_settings.interval_seconds
         now = datetime.now(UTC)
         if stats.newest is None:
-            problems.append("no backup yet")
+            due = self.first_backup_due
+            if (
+                due is None
+                or stats.last_failure is not None
+                or time.monotonic() > due + FIRST_BACKUP_GRACE_SECONDS
+            ):
+                problems.append("no backup yet")
+            else:  # a fresh install is not a problem until its first backup is overdue
+                left = due - time.monotonic()
+                message += (
+                    f" | no backup yet; the first is due in {duration(left)}"
+                    if left > 0
+                    else " | no backup yet; the first is being taken"
+                )
         else:
             age = (now - stats.newest.created_at).total_seconds()
             if age > 2 * interval:
