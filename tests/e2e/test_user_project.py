@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,13 @@ import pytest
 from tests.support.hosts import free_port
 from tests.support.process import BotProcess, run_cli
 from tests.support.telegram_api import DEFAULT_TOKEN, TelegramAPIStandIn
-from tests.support.user_project import build_wheel, configure, make_project, make_venv
+from tests.support.user_project import (
+    build_wheel,
+    configure,
+    install_entry_point_plugin,
+    make_project,
+    make_venv,
+)
 
 pytestmark = pytest.mark.timeout(300)
 ADMIN, STRANGER = 4201, 6666
@@ -146,3 +153,29 @@ def test_the_embedded_bot_answers_first_and_a_restore_hands_it_the_restored_data
     foreign = [line for line in output.splitlines() if "an engine that is not dbkeeper's" in line]
     assert foreign == [], output
     assert api.sent_messages(STRANGER)[0]["text"] == "Welcome to the notes bot!"
+
+
+def test_a_plugin_installed_with_pip_is_loaded_through_its_entry_point(
+    tmp_path: Path, installed: Path
+) -> None:
+    install_entry_point_plugin(tmp_path / "src", installed)
+    try:
+        _check_installed_plugin(tmp_path, installed)
+    finally:  # the environment is shared by this module's tests
+        subprocess.run([str(installed / "pip"), "uninstall", "-q", "-y", "dbkeeper-hello"])
+
+
+def _check_installed_plugin(tmp_path: Path, installed: Path) -> None:
+    project = make_project(tmp_path / "bot", installed, admin=ADMIN, share_connection=True)
+    configure(project, health={"http_port": free_port()})
+    dbkeeper = [str(installed / "dbkeeper")]
+    code, output = run_cli(["--help"], cwd=project, program=dbkeeper)
+    assert code == 0 and "hello" in output.split("Commands:")[1], output
+    assert run_cli(["hello"], cwd=project, program=dbkeeper) == (
+        0,
+        "hello from an installed plugin",
+    )
+    assert run_cli(["db", "migrate"], cwd=project, program=dbkeeper)[0] == 0
+    code, output = run_cli(["health", "--json"], cwd=project, program=dbkeeper)
+    checks = json.loads(output[output.index("{") :])["checks"]
+    assert checks["hello"]["message"] == "installed and loaded" and "database" in checks

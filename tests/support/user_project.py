@@ -160,3 +160,55 @@ def configure(root: Path, **sections: dict[str, Any]) -> Path:
     for name, extra in sections.items():
         values.setdefault(name, {}).update(extra)
     return write_config(root / "config.toml", values)
+
+
+ENTRY_POINT_PLUGIN = '''
+"""An installed plugin: found through the entry-point group dbkeeper.plugins."""
+
+import click
+
+from dbkeeper.health import healthy
+from dbkeeper.plugin import Plugin
+
+
+@click.command()
+def hello() -> None:
+    """Say hello from an installed plugin."""
+    click.echo("hello from an installed plugin")
+
+
+class HelloPlugin(Plugin):
+    name = "hello"
+
+    @classmethod
+    def commands(cls):
+        return [hello]
+
+    def setup(self, context) -> None:
+        async def check():
+            return healthy("installed and loaded")
+
+        context.add_check("hello", check)
+'''
+
+
+def install_entry_point_plugin(root: Path, bin_dir: Path) -> None:
+    """A distribution of its own that declares a dbkeeper plugin, installed with pip."""
+    package = root / "dbkeeper-hello"
+    (package / "dbkeeper_hello").mkdir(parents=True)
+    (package / "dbkeeper_hello" / "__init__.py").write_text(ENTRY_POINT_PLUGIN)
+    (package / "pyproject.toml").write_text(
+        "[build-system]\n"
+        'requires = ["setuptools>=68"]\n'
+        'build-backend = "setuptools.build_meta"\n\n'
+        "[project]\n"
+        'name = "dbkeeper-hello"\n'
+        'version = "1.0"\n\n'
+        '[project.entry-points."dbkeeper.plugins"]\n'
+        'hello = "dbkeeper_hello:HelloPlugin"\n'
+    )
+    subprocess.run(
+        [str(bin_dir / "pip"), "install", "-q", "--no-deps", str(package)],
+        check=True,
+        capture_output=True,
+    )
