@@ -32,6 +32,7 @@ from dbkeeper.plugin import (
     StartupError,
     StartupInterrupted,
 )
+from dbkeeper.status_page import StatusPage
 from dbkeeper.systemd import SystemdNotifier
 from dbkeeper.telegram_check import TelegramAPICheck
 
@@ -84,6 +85,7 @@ class Host:
         self.systemd = SystemdNotifier()
         self.monitor.add_listener(self._tell_systemd)
         self.metrics = Metrics(self.monitor, self.alerts)
+        self.status = StatusPage(self)
         self.http = HealthServer(self)
         self.admin = AdminGuard(settings.telegram.admin_ids, settings.telegram.alert_chat_id)
         self._telegram_ready: list[Callable[[], Awaitable[None]]] = []

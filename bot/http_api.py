@@ -6,6 +6,7 @@
 - ``GET /readyz``: 200 once the plugins have started and the readiness checks (database
   reachable, schema at head) are not unhealthy; 503 while starting, stopping or failing.
 - ``GET /metrics``: Prometheus text format.
+- ``GET /``: the status page for operators (``dbkeeper.status_page``).
 
 Health answers reuse a report younger than ``[health] http_cache_seconds``; otherwise one
 check runs and every request waiting meanwhile shares it. Messages are redacted when the
@@ -58,6 +59,7 @@ class HealthServer:
         self.host = host
         self.settings = host.settings.health
         self.app = web.Application(middlewares=[self._operators_only])
+        self.app.router.add_get("/", host.status.handle)
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/api/health", self._health)
         self.app.router.add_get("/livez", self._livez)

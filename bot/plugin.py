@@ -192,6 +192,11 @@ class PluginContext:
         """A fresh health report (or the run in progress)."""
         return await self._host.monitor.check()
 
+    def add_status_section(self, title: str, render: Callable[[], Awaitable[str]]) -> None:
+        """A section of the status page (``GET /``): ``render()`` returns its HTML, every
+        outside value escaped; no secret, no row of users' data."""
+        self._host.status.add(title, render)
+
     def add_route(self, method: str, path: str, handler: Handler) -> None:
         """An HTTP route on the health server (for operators: ``/api/...``)."""
         self._host.http.add_route(method, path, handler)

@@ -29,6 +29,7 @@ from .leadership import Leadership
 from .operations import Operations
 from .service import report_foreign_engines
 from .settings import EXAMPLE_SCRIPT_LOCATION, SECTIONS
+from .status import StatusSections
 
 if TYPE_CHECKING:
     import click
@@ -118,6 +119,9 @@ class DatabasePlugin(Plugin):
         self.health.register(context)
         if context.one_shot:
             return
+        sections = StatusSections(self.health, ops.backups)
+        context.add_status_section("Schema and migrations", sections.schema)
+        context.add_status_section("Backups", sections.backups_section)
         self.leadership = Leadership(
             ops.database.settings,
             instance=context.instance,

@@ -362,6 +362,12 @@ class DatabaseHealth:
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    async def read(self, name: str, work: Callable[[Connection], T]) -> T:
+        """``work(connection)`` on a probe connection, as the checks read (status page)."""
+        return await asyncio.wait_for(
+            self._offload(name, work), self.settings.check_timeout_seconds
+        )
+
     async def _offload(self, name: str, work: Callable[[Connection], T]) -> T:
         """Run ``work(connection)`` on a fresh probe connection, off the event loop, through
         the work gate (a restore waits for checks in progress); interrupted when the health

@@ -1,0 +1,106 @@
+"""The database plugin's sections of the status page: the schema and its migrations, and the
+backups on a timeline. Counts and sizes only: no row of users' data, and every outside value
+escaped. Reads go through the health checks' probe connections, off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import time
+from datetime import UTC, datetime
+
+from dbkeeper.charts import Mark, timeline
+from dbkeeper.texts import duration, megabytes
+
+from .backup.pipeline import Backups
+from .backup.retention import SAFETY_REASONS
+from .health.checks import DatabaseHealth
+from .migrate.history import Attempt
+
+ATTEMPTS_SHOWN = 6
+BACKUPS_SHOWN = 8
+
+
+def _when(moment: datetime) -> str:
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+
+
+class StatusSections:
+    def __init__(self, health: DatabaseHealth, backups: Backups) -> None:
+        self.health = health
+        self.backups = backups
+
+    async def schema(self) -> str:
+        stats = await self.health.statistics()
+        attempts: list[Attempt] = await self.health.read(
+            "status-attempts",
+            lambda connection: self.health.migrator.attempts(ATTEMPTS_SHOWN, connection),
+        )
+        status = stats.status
+        pending = (
+            f"<b class='status-unhealthy'>{len(status.pending)} pending</b>: "
+            + ", ".join(html.escape(r.label) for r in status.pending)
+            if status.pending
+            else "at head"
+        )
+        rows = "".join(
+            f"<tr><td><code>{html.escape(a.version)}</code></td><td>{a.direction}</td>"
+            f"<td class='status-{'healthy' if a.success else 'unhealthy'}'>{a.status}</td>"
+            f"<td class='hide-narrow'>{html.escape(_when(a.started_at))}</td>"
+            f"<td class='num'>{'' if a.execution_ms is None else f'{a.execution_ms:,} ms'}</td>"
+            f"<td>{html.escape(a.error or a.description)}</td></tr>"
+            for a in attempts
+        )
+        overview = stats.overview
+        return (
+            f"<p>Schema <b>{html.escape(status.current_name)}</b> ({pending}) · "
+            f"{megabytes(stats.size_bytes)} · {overview.tables} tables · "
+            f"≈{overview.records:,} records</p>"
+            "<table><tr><th>revision</th><th>direction</th><th>result</th>"
+            "<th class='hide-narrow'>started</th><th>took</th><th>description / error</th></tr>"
+            f"{rows or '<tr><td colspan=6 class=empty>no migration yet</td></tr>'}</table>"
+        )
+
+    async def backups_section(self) -> str:
+        backups, stats = await asyncio.to_thread(
+            lambda: (self.backups.list(), self.backups.stats())
+        )
+        now = time.time()
+        start = min([b.created_at.timestamp() for b in backups] + [now - 86400])
+        marks = [
+            Mark(
+                b.created_at.timestamp(),
+                f"{b.name} ({b.reason}, {megabytes(b.size_bytes)})",
+                "safety" if b.reason in SAFETY_REASONS else "",
+            )
+            for b in backups
+        ]
+        rows = "".join(
+            f"<tr class='backup'><td><code>{html.escape(b.name)}</code></td>"
+            f"<td>{html.escape(b.reason)}</td>"
+            f"<td class='hide-narrow'>{html.escape(_when(b.created_at))}</td>"
+            f"<td class='num'>{megabytes(b.size_bytes)}</td>"
+            f"<td class='num'>v{b.schema_version}</td></tr>"
+            for b in backups[:BACKUPS_SHOWN]
+        )
+        summary = (
+            f"{stats.count} backups · {megabytes(stats.total_bytes)} · newest "
+            f"{duration(now - stats.newest.created_at.timestamp())} ago"
+            if stats.newest is not None
+            else "no backup yet"
+        )
+        failure = ""
+        if stats.last_failure is not None:
+            failure = (
+                f"<p class='status-unhealthy'>The last attempt failed "
+                f"{duration(now - stats.last_failure.at.timestamp())} ago: "
+                f"{html.escape(stats.last_failure.error[:300])}</p>"
+            )
+        return (
+            f"<p>{summary}</p>{failure}"
+            + timeline(marks, start=start, end=now, title="backups over time")
+            + "<table><tr><th>name</th><th>reason</th><th class='hide-narrow'>taken</th>"
+            "<th>size</th><th>schema</th></tr>"
+            + (rows or "<tr><td colspan=5 class=empty>none yet</td></tr>")
+            + "</table>"
+        )

@@ -1,0 +1,110 @@
+"""The status page in a real browser (headless Chromium): the checks, the backups on a
+timeline, a chart, a screenshot; behind the token beyond loopback; fresh or stale."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SettingsFactory
+from tests.support import browser
+from tests.support.hosts import free_port, get, running_host
+
+TOKEN = "status-page-token-0123456789"
+
+
+@pytest.mark.skipif(browser.missing() is not None, reason=str(browser.missing()))
+async def test_the_page_shows_checks_backups_and_a_chart_in_a_real_browser(
+    sqlite_url: str, make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        sqlite_url,
+        health={"http_port": free_port(), "http_host": "0.0.0.0", "http_token": TOKEN},
+    )
+    async with running_host(settings) as (host, plugin):
+        await plugin.backup_now()
+        await plugin.backup_now()
+        await host.monitor.check()
+        url = f"http://127.0.0.1:{host.http.port}/"
+
+        def look() -> tuple[list[str], list[str], list[str], str, str, Path]:
+            with browser.chromium() as page:
+                page.send_header("Authorization", f"Bearer {TOKEN}")
+                page.open(url)
+                checks = page.wait_for("#checks tr.check")
+                backups = page.find_all("tr.backup")
+                charts = page.find_all("svg.chart circle.mark")
+                title = page.script("return document.title")
+                header = page.text("header h1")
+                shot = page.screenshot(tmp_path / "status-page.png")
+                return checks, backups, charts, title, header, shot
+
+        import asyncio
+
+        checks, backups, marks, title, header, shot = await asyncio.to_thread(look)
+    assert len(checks) == len(host.health.names) >= 6
+    assert len(backups) == 2 and len(marks) == 2  # both backups, each a mark on the timeline
+    assert title.startswith("dbkeeper: ") and header.startswith("dbkeeper is ")
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert width >= 800 and height >= 600
+
+
+async def test_without_the_token_the_page_is_401_and_says_nothing(
+    sqlite_url: str, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings(
+        sqlite_url,
+        health={"http_port": free_port(), "http_host": "0.0.0.0", "http_token": TOKEN},
+    )
+    async with running_host(settings) as (host, _):
+        status, _, text = await get(host, "/")
+        assert status == 401 and "dbkeeper is" not in text and "<table" not in text
+
+
+async def test_the_page_says_when_its_data_is_stale(
+    sqlite_url: str, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings(sqlite_url, health={"http_port": free_port()})
+    async with running_host(settings) as (host, _):
+        status, _, fresh = await get(host, "/")
+        assert status == 200 and "id='stale' class='banner' hidden" in fresh
+        report = host.monitor.last
+        assert report is not None
+        import dataclasses
+
+        host.monitor.last = dataclasses.replace(report, timestamp=report.timestamp - 3600)
+        _, _, stale = await get(host, "/")
+        assert "Stale: the last health check ran 1h 0m ago." in stale
+        host.monitor.last = report
+
+
+async def test_no_secret_and_no_users_data_on_the_page(
+    sqlite_url: str, make_settings: SettingsFactory
+) -> None:
+    from sqlalchemy import text
+
+    settings = make_settings(
+        sqlite_url.replace("sqlite:///", "sqlite:///"),
+        health={"http_port": free_port(), "http_host": "0.0.0.0", "http_token": TOKEN},
+        telegram={"token": "123456789:AAExampleExampleExampleExampleExam"},
+    )
+    async with running_host(settings) as (host, plugin):
+        await plugin.database.run(
+            lambda s: s.execute(
+                text("INSERT INTO users (id, first_name) VALUES (1, 'Private Person Name')")
+            )
+        )
+        await plugin.backup_now()
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{host.http.port}/", headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as answer:
+            page = await answer.text()
+    assert answer.status == 200
+    for secret in (TOKEN, "AAExampleExampleExampleExampleExam", "Private Person Name"):
+        assert secret not in page
