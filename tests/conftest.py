@@ -48,6 +48,19 @@ def _postgres_unavailable() -> str | None:
     return _postgres_problem
 
 
+REQUIRE_TOOLS = os.environ.get("DBKEEPER_REQUIRE_TOOLS") == "1"
+
+
+def require_tool(problem: str | None) -> None:
+    """Skip, saying why, when a system tool (a browser, promtool, ...) is missing; fail
+    instead with DBKEEPER_REQUIRE_TOOLS=1 (CI installs them: .ci/run)."""
+    if problem is None:
+        return
+    if REQUIRE_TOOLS:
+        pytest.fail(f"DBKEEPER_REQUIRE_TOOLS=1 but {problem}")
+    pytest.skip(problem)
+
+
 def require_postgres() -> None:
     problem = _postgres_unavailable()
     if problem is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import require_tool
 from tests.support.hosts import free_port
 from tests.support.process import REPO, BotProcess, write_config
 from tests.support.revisions import GATED, add_revision
@@ -40,8 +41,8 @@ def _unit() -> dict[str, list[str]]:
 
 def test_the_systemd_unit_is_verified_by_systemd(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed here")
+    require_tool(None if analyze else "systemd-analyze is not installed here")
+    assert analyze is not None
     unit = (DEPLOY / "systemd" / "dbkeeper.service").read_text()
     # This machine has neither the dbkeeper user nor /opt/dbkeeper: point it at what exists.
     unit = unit.replace(
@@ -176,10 +177,10 @@ def _child_of(pid: int, timeout: float = 10) -> int:
     raise AssertionError("unshare started no child")
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="util-linux unshare is not installed")
 def test_the_containers_command_as_pid_1_stops_gracefully_with_a_final_backup(
     tmp_path: Path,
 ) -> None:
+    require_tool(None if shutil.which("unshare") else "util-linux unshare is not installed")
     docker = _dockerfile()
     data = tmp_path / "data"
     data.mkdir()

@@ -6,19 +6,17 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import SettingsFactory
+from tests.conftest import SettingsFactory, require_tool
 from tests.support import browser
 from tests.support.hosts import free_port, get, running_host
 
 TOKEN = "status-page-token-0123456789"
 
 
-@pytest.mark.skipif(browser.missing() is not None, reason=str(browser.missing()))
 async def test_the_page_shows_checks_backups_and_a_chart_in_a_real_browser(
     sqlite_url: str, make_settings: SettingsFactory, tmp_path: Path
 ) -> None:
+    require_tool(browser.missing())
     settings = make_settings(
         sqlite_url,
         health={"http_port": free_port(), "http_host": "0.0.0.0", "http_token": TOKEN},
