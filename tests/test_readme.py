@@ -129,6 +129,12 @@ def test_the_embedded_bot_runs_answers_and_stops(tmp_path: Path) -> None:
             api.push_command("/start", user_id=777)
             api.wait_for_message("Hello! My database is sqlite.", chat_id=777)
             assert bot.stop(signal.SIGINT) == 0
+        api.fail(status=500)  # the Bot API unreachable: database work starts regardless
+        api.fail("getUpdates", status=500)
+        with BotProcess([], cwd=tmp_path, program=program, env=env) as bot:
+            bot.wait_for_line("cannot reach the Telegram Bot API")
+            bot.wait_for_line("dbkeeper is running")
+            assert bot.stop(signal.SIGINT) == 0
     with BotProcess([], cwd=tmp_path, program=program, env={"PYTHONPATH": str(REPO)}) as bot:
         bot.wait_for_line("local mode: no Telegram token")  # and without a token
         bot.wait_for_line("dbkeeper is running")
