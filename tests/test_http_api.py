@@ -57,10 +57,9 @@ async def test_health_answers_the_contract_json_200_then_503_when_unhealthy(
         await asyncio.sleep(0.02)
         status, body, _ = await get(host, "/api/health")
         assert (status, body["status"]) == (503, "unhealthy")
-        assert body["checks"]["database_integrity"] == {
-            "status": "unhealthy",
-            "message": "quick_check found corruption: database disk image is malformed",
-        }
+        integrity = body["checks"]["database_integrity"]
+        assert integrity["status"] == "unhealthy"
+        assert integrity["message"].startswith("quick_check found corruption: ")
 
 
 async def test_many_clients_at_once_cost_one_check(

@@ -1,17 +1,28 @@
 """dbkeeper's bookkeeping tables, defined once.
 
 ``alembic_version`` is Alembic's (the current revision); ``schema_migrations`` is dbkeeper's
-(every attempt to apply, revert or adopt a revision). Neither belongs to the bot's schema: drift
-detection, autogenerate (``alembic_env.include_object``), record counts and row counts leave
-them out.
+(every attempt to apply, revert or adopt a revision); ``dbkeeper_size_samples`` is database
+care's size history (``care.growth``). None belongs to the bot's schema: drift detection,
+autogenerate (``alembic_env.include_object``), record counts and row counts leave them out.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Column, DateTime, Integer, MetaData, String, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
 
 VERSION_TABLE = "alembic_version"
 HISTORY_TABLE = "schema_migrations"
+SIZE_TABLE = "dbkeeper_size_samples"
 
 bookkeeping_metadata = MetaData()
 schema_migrations = Table(
@@ -32,8 +43,19 @@ schema_migrations = Table(
     Column("pid", Integer, nullable=False, default=0),
 )
 
+# One row per size sample: taken at health checks (no closer than their interval), thinned to
+# one a day once older than two days (``care.growth``).
+size_samples = Table(
+    SIZE_TABLE,
+    bookkeeping_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("taken_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("size_bytes", BigInteger, nullable=False),  # the database (SQLite: pages in use too)
+    Column("disk_free_bytes", BigInteger),  # its volume; NULL where it cannot be seen
+)
 
-BOOKKEEPING_TABLES = frozenset({HISTORY_TABLE, VERSION_TABLE})
+
+BOOKKEEPING_TABLES = frozenset({HISTORY_TABLE, VERSION_TABLE, SIZE_TABLE})
 
 
 def is_bookkeeping(name: str) -> bool:
