@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -201,3 +202,25 @@ async def test_the_alert_is_resolved_when_the_disk_no_longer_fills_within_14_day
     alerts = [r.getMessage() for r in caplog.records if r.name == "dbkeeper.alerts"]
     assert any("database_growth: degraded" in line for line in alerts)
     assert any("✅ database_growth recovered after" in line for line in alerts), alerts
+
+
+async def test_a_schema_dbkeeper_leaves_alone_gets_no_table_its_samples_stay_in_memory(
+    tmp_path: Path, make_settings: SettingsFactory
+) -> None:
+    file = tmp_path / "own.db"
+    with sqlite3.connect(file) as connection:
+        connection.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY)")
+    settings = make_settings(
+        f"sqlite:///{file}",
+        health={"http_port": free_port(), "interval_seconds": 0.05},
+        migrations={"script_location": "none"},
+    )
+    async with running_host(settings) as (host, plugin):  # its first check took a sample
+        await asyncio.sleep(0.05)
+        await host.monitor.check()
+        _, stats, _ = await get(host, "/api/stats")
+    with sqlite3.connect(file) as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    assert tables == {"notes"}
+    assert stats["growth"]["samples"] >= 3  # two kept in memory, and the size now
+    assert len(plugin.care.growth.memory) >= 2

@@ -19,6 +19,7 @@ from dbkeeper.plugins.members.models import Chat, ChatSetting, Event
 from tests.conftest import SettingsFactory
 from tests.support.hosts import free_port, running_host
 from tests.support.process import run_cli, write_config
+from tests.support.readme import block
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 OLD_FILLER = BATCH_ROWS * 2 + 202  # old events beyond the four named ones: three batches
@@ -176,6 +177,8 @@ def test_a_rule_that_does_not_fit_the_schema_stops_startup_with_one_line(
     assert code == 1, output
     [line] = [line for line in output.splitlines() if "lifecycle: startup failed" in line]
     assert expected in line
+    if "evnts" in expected:  # the README shows this very line
+        assert line.endswith(block("illustration", "retention-error").text.strip())
     code, output = run_cli(["db", "cleanup", "--dry-run"], cwd=tmp_path)
     assert code == 1 and output.strip().splitlines()[-1].startswith("dbkeeper: error: [retention]")
 

@@ -48,7 +48,13 @@ from ..backup.engines.base import Limits
 from ..errors import BackupInProgress, describe_error
 from ..health.probes import Probe, probe_for
 from ..service import DatabaseService
-from ..settings import MaintenanceSettings, QuerySettings, RetentionSettings
+from ..settings import (
+    NO_MIGRATIONS,
+    MaintenanceSettings,
+    MigrationSettings,
+    QuerySettings,
+    RetentionSettings,
+)
 from ..timeouts import Interrupter, offload
 from .growth import Forecast, Growth, forecast
 from .maintenance import Analyzed, Reclaimed, maintenance_for
@@ -113,7 +119,8 @@ class Care:
         self.slow_log = SlowQueryLog(database, self.queries, timeout)
         self.maintenance = maintenance_for(database, self.maintenance_settings)
         self.retention = Retention(database, settings.section(RetentionSettings))
-        self.growth = Growth(database, self.health_settings.interval_seconds)
+        managed = settings.section(MigrationSettings).script_location != NO_MIGRATIONS
+        self.growth = Growth(database, self.health_settings.interval_seconds, persist=managed)
         self.probe: Probe = probe_for(database, timeout)
         self.context: PluginContext | None = None
         self._stop = threading.Event()
@@ -121,6 +128,7 @@ class Care:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tracking = False
         self._quiet_attempts = 0
+        self._sample_failed = False
 
     # -- the plugin's steps ------------------------------------------------------------------
 
@@ -231,10 +239,19 @@ class Care:
         size, free, samples = await self._probe("database_growth", measure)
         prediction = forecast(samples, size, free, self.growth.interval)
         if record and self.growth.due(samples):
-            await self._write(lambda: self._record_sample(size, free))
+            try:
+                await self._write(lambda: self._record_sample(size, free))
+                self._sample_failed = False
+            except Exception as error:  # the forecast stands; the next check tries again
+                level = logging.DEBUG if self._sample_failed else logging.WARNING
+                log.log(level, "could not store a size sample: %s", _reason(error))
+                self._sample_failed = True
         return prediction
 
     def _record_sample(self, size: int, free: int | None) -> None:
+        if not self.growth.persist:
+            self.growth.record(None, size, free)
+            return
         with self.maintenance.engine().connect() as connection:
             self.growth.record(connection, size, free)
 

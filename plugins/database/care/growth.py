@@ -14,6 +14,9 @@ alerts on the change, once, and says when it is resolved.
 
 PostgreSQL's disk is the server's: its free space is known only when the server runs on this
 machine and its data directory can be read here; otherwise the growth rate is given alone.
+
+A database whose schema dbkeeper leaves alone (``[migrations] script_location = "none"``)
+gets no table of dbkeeper's: its samples are kept in memory, for as long as the bot runs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,6 +47,7 @@ MAX_SPACING_SECONDS = 3600.0
 MIN_SPAN_SECONDS = 8640.0  # a tenth of a day ...
 MIN_SPAN_INTERVALS = 10  # ... or ten check intervals, whichever is shorter
 MIN_SAMPLES = 3
+MEMORY_SAMPLES = 5000  # without a table of its own: the newest samples, in memory
 LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
 
 
@@ -159,10 +164,14 @@ def forecast(
 class Growth:
     """Size samples (read on a probe connection, written on a maintenance one)."""
 
-    def __init__(self, database: DatabaseService, interval_seconds: float) -> None:
+    def __init__(
+        self, database: DatabaseService, interval_seconds: float, *, persist: bool = True
+    ) -> None:
         self.database = database
         self.interval = interval_seconds
         self.spacing = min(interval_seconds, MAX_SPACING_SECONDS)
+        self.persist = persist  # False: samples in memory (dbkeeper owns no table there)
+        self.memory: deque[Sample] = deque(maxlen=MEMORY_SAMPLES)
         self._volume: Path | None = None
         self._volume_known = False
 
@@ -201,9 +210,11 @@ class Growth:
 
     def history(self, connection: Connection) -> list[Sample]:
         """The samples of the window, oldest first (none while the table does not exist)."""
+        since = datetime.now(UTC) - timedelta(days=WINDOW_DAYS)
+        if not self.persist:
+            return [sample for sample in self.memory if sample.taken_at >= since]
         if not connection.dialect.has_table(connection, size_samples.name):
             return []
-        since = datetime.now(UTC) - timedelta(days=WINDOW_DAYS)
         rows = connection.execute(
             select(
                 size_samples.c.taken_at, size_samples.c.size_bytes, size_samples.c.disk_free_bytes
@@ -220,8 +231,11 @@ class Growth:
         now = now or datetime.now(UTC)
         return (now - samples[-1].taken_at).total_seconds() >= 0.9 * self.spacing
 
-    def record(self, connection: Connection, size: int, free: int | None) -> None:
+    def record(self, connection: Connection | None, size: int, free: int | None) -> None:
         """Store a sample (a maintenance connection, in its own short transaction)."""
+        if not self.persist or connection is None:
+            self.memory.append(Sample(datetime.now(UTC), size, free))
+            return
         with connection.begin():
             size_samples.create(connection, checkfirst=True)
             connection.execute(
@@ -233,6 +247,8 @@ class Growth:
     def compact(self, connection: Connection, now: datetime | None = None) -> int:
         """Past two days one sample per UTC day (its last), past ``KEEP_DAYS`` none."""
         now = now or datetime.now(UTC)
+        if not self.persist:
+            return 0  # in memory: the newest MEMORY_SAMPLES, bounded by the deque
         with connection.begin():
             if not connection.dialect.has_table(connection, size_samples.name):
                 return 0

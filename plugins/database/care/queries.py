@@ -49,6 +49,7 @@ from ..timeouts import Interrupter, offload
 
 log = logging.getLogger("dbkeeper.queries")
 MAX_SQL_CHARS = 1000  # a shape's text is cut here (its identity is the whole normalized text)
+CACHED_SQL_CHARS = 4096  # longer statement texts are normalized on every call, never kept
 OPERATIONS = ("select", "insert", "update", "delete", "transaction", "other")
 # Histogram buckets of dbkeeper_query_duration_seconds (seconds).
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -130,9 +131,10 @@ def _operation(text: str) -> str:
 
 
 class ShapeStats:
-    """The figures of one shape (seconds; rows written, or returned where the driver says)."""
+    """The figures of one shape (seconds; rows written, or returned where the driver says:
+    psycopg counts a SELECT's rows, SQLite's driver does not until they are read)."""
 
-    __slots__ = ("calls", "max", "rows", "shape", "slow", "total")
+    __slots__ = ("calls", "max", "rows", "rows_known", "shape", "slow", "total")
 
     def __init__(self, shape: Shape) -> None:
         self.shape = shape
@@ -140,6 +142,7 @@ class ShapeStats:
         self.total = 0.0
         self.max = 0.0
         self.rows = 0
+        self.rows_known = False
         self.slow = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -150,7 +153,7 @@ class ShapeStats:
             "total_ms": round(self.total * 1000, 3),
             "mean_ms": round(self.total * 1000 / self.calls, 3) if self.calls else 0.0,
             "max_ms": round(self.max * 1000, 3),
-            "rows": self.rows,
+            "rows": self.rows if self.rows_known else None,
             "slow_calls": self.slow,
         }
 
@@ -213,6 +216,9 @@ class QueryStats:
 
     def install(self, engine: Engine) -> None:
         """Time every statement of ``engine`` from now on."""
+        if self._engine is engine:
+            return
+        self.uninstall()
         event.listen(engine, "before_cursor_execute", self._before)
         event.listen(engine, "after_cursor_execute", self._after)
         self._engine = engine
@@ -234,10 +240,9 @@ class QueryStats:
     ) -> None:
         try:
             elapsed = time.perf_counter() - context._dbkeeper_started
-        except AttributeError:  # installed while it ran
-            return
-        rows = cursor.rowcount
-        self.record(statement, elapsed, rows if rows > 0 else 0, parameters, many)
+            self.record(statement, elapsed, cursor.rowcount, parameters, many)
+        except Exception:  # installed while it ran; or a fault here: never the bot's problem
+            log.debug("a statement was not timed", exc_info=True)
 
     # -- the hot path ------------------------------------------------------------------------------
 
@@ -245,17 +250,19 @@ class QueryStats:
         self,
         statement: str,
         elapsed: float,
-        rows: int = 0,
+        rows: int = -1,
         parameters: Any = None,
         executemany: bool = False,
     ) -> None:
-        """Count one execution of ``statement`` that took ``elapsed`` seconds."""
+        """Count one execution of ``statement`` that took ``elapsed`` seconds (``rows``: what
+        the driver's ``rowcount`` says; negative when it does not know)."""
         shape = self._shapes.get(statement)
         if shape is None:
             shape = shape_of(statement)
-            if len(self._shapes) >= 4 * self.max_shapes:
-                self._shapes.clear()  # bounded: statements texts come back, shapes stay
-            self._shapes[statement] = shape
+            if len(statement) <= CACHED_SQL_CHARS:
+                if len(self._shapes) >= 4 * self.max_shapes:
+                    self._shapes.clear()  # bounded: statement texts come back, shapes stay
+                self._shapes[statement] = shape
         slow = elapsed >= self.slow_seconds
         with self._lock:
             entry = self._entries.get(shape.key)
@@ -265,7 +272,9 @@ class QueryStats:
             entry.total += elapsed
             if elapsed > entry.max:
                 entry.max = elapsed
-            entry.rows += rows
+            if rows >= 0:
+                entry.rows += rows
+                entry.rows_known = True
             self._buckets[shape.operation][bisect.bisect_left(BUCKETS, elapsed)] += 1
             self._sums[shape.operation] += elapsed
             self.statements += 1
