@@ -1,10 +1,12 @@
 """How fast the database grows, and when its disk will be full.
 
-Samples of the database's size (SQLite: its pages, the write-ahead log's included; PostgreSQL:
-``pg_database_size``) and of the free space on its volume go to the bookkeeping table
-``dbkeeper_size_samples``: one at each health check (no closer together than the check
-interval, at most every ``MAX_SPACING_SECONDS``) and one a day from the daily job. The daily
-job coarsens them: past ``DETAILED_SECONDS`` one per UTC day is kept, past ``KEEP_DAYS`` none.
+Samples of the database's size (SQLite: its pages, those still in the write-ahead log
+included; PostgreSQL: ``pg_database_size``) and of the free space on its volume go to the
+bookkeeping table ``dbkeeper_size_samples``: one at each health check (those an HTTP request
+or ``/health`` starts too, but none closer together than the check interval, or an hour when
+the interval is longer) and one from the daily job. The
+daily job coarsens them: past ``DETAILED_SECONDS`` one per UTC day is kept, past ``KEEP_DAYS``
+none.
 
 The growth rate is the least-squares slope of the samples of the last ``WINDOW_DAYS`` days,
 once they span enough time to mean something (a tenth of a day, or ten check intervals when
