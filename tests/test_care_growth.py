@@ -224,3 +224,19 @@ async def test_a_schema_dbkeeper_leaves_alone_gets_no_table_its_samples_stay_in_
     assert tables == {"notes"}
     assert stats["growth"]["samples"] >= 3  # two kept in memory, and the size now
     assert len(plugin.care.growth.memory) >= 2
+
+
+async def test_backups_keep_the_size_history_but_do_not_count_it_among_the_rows(
+    sqlite_url: str, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings(
+        sqlite_url, health={"http_port": free_port(), "interval_seconds": 0.05}
+    )
+    async with running_host(settings) as (host, plugin):  # its first check took a sample
+        await asyncio.sleep(0.05)
+        await host.monitor.check()  # and another
+        info = await plugin.backup_now()
+    assert info.tables["dbkeeper_size_samples"] >= 2  # backed up and verified like any table
+    assert info.rows == sum(
+        count for table, count in info.tables.items() if table != "dbkeeper_size_samples"
+    )
