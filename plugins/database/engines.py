@@ -153,7 +153,6 @@ def _sqlite_engine(
                 dbapi_connection.execute("PRAGMA query_only = ON")  # checks never write
             if purpose == "maintenance":
                 dbapi_connection.execute("PRAGMA foreign_keys = ON")
-                dbapi_connection.execute("PRAGMA auto_vacuum = INCREMENTAL")  # for a VACUUM
 
         return engine
 
@@ -169,7 +168,10 @@ def _sqlite_engine(
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
-            cursor.execute("PRAGMA auto_vacuum = INCREMENTAL")  # before WAL creates the file
+            if cursor.execute("PRAGMA page_count").fetchone()[0] == 0:
+                # A new database, before WAL mode writes its first page. (On an existing one
+                # the pragma could write the header, and wait for another writer's lock.)
+                cursor.execute("PRAGMA auto_vacuum = INCREMENTAL")
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.execute(f"PRAGMA foreign_keys = {foreign_keys}")
