@@ -21,7 +21,6 @@ from tests.support.hosts import free_port, running_host
 from tests.support.process import run_cli, write_config
 from tests.support.readme import block
 
-NOW = datetime.now(UTC).replace(microsecond=0)
 OLD_FILLER = BATCH_ROWS * 2 + 202  # old events beyond the four named ones: three batches
 RULES = {
     "events": {"column": "created_at", "keep_days": 30},
@@ -29,31 +28,37 @@ RULES = {
 }
 
 
-def _seed(session: Session) -> None:
+def _seed(session: Session, now: datetime) -> None:
     """Chats: 1 old but its newer events refer to it; 2 old, settings refer to it; 3 old, only
-    old events refer to it; 4 new. Events around the cutoff, and many old ones (of chat 3)."""
+    old events refer to it; 4 new. Events around the cutoff (a minute either side of 30 days
+    before ``now``), and many old ones (of chat 3)."""
     ages = {1: 60, 2: 60, 3: 60, 4: 1}
     for chat, days in ages.items():
-        session.add(Chat(id=chat, type="group", created_at=NOW - timedelta(days=days)))
+        session.add(Chat(id=chat, type="group", created_at=now - timedelta(days=days)))
     session.flush()
     session.add(ChatSetting(chat_id=2, key="lang", value="en"))
     session.add_all(
         [
-            Event(id=1, chat_id=3, kind="m", created_at=NOW - timedelta(days=40)),
-            Event(id=2, chat_id=3, kind="m", created_at=NOW - timedelta(days=30, minutes=1)),
+            Event(id=1, chat_id=3, kind="m", created_at=now - timedelta(days=40)),
+            Event(id=2, chat_id=3, kind="m", created_at=now - timedelta(days=30, minutes=1)),
             Event(
                 id=3,
                 chat_id=1,
                 kind="m",
-                created_at=NOW - timedelta(days=30) + timedelta(minutes=1),
+                created_at=now - timedelta(days=30) + timedelta(minutes=1),
             ),
-            Event(id=4, chat_id=1, kind="m", created_at=NOW - timedelta(days=1)),
+            Event(id=4, chat_id=1, kind="m", created_at=now - timedelta(days=1)),
         ]
     )
     session.add_all(
-        Event(id=100 + i, chat_id=3, kind="m", created_at=NOW - timedelta(days=90))
+        Event(id=100 + i, chat_id=3, kind="m", created_at=now - timedelta(days=90))
         for i in range(OLD_FILLER)
     )
+
+
+@pytest.fixture
+def now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 @pytest.fixture
@@ -64,7 +69,7 @@ def seeded(
     ops = Operations(settings)
     ops.open()
     with ops.database.session() as session:
-        _seed(session)
+        _seed(session, now)
     try:
         yield ops, settings
     finally:
@@ -77,17 +82,17 @@ def _ids(ops: Operations, column: object) -> set[int]:
 
 
 def test_exactly_the_rows_older_than_the_cutoff_go_and_referenced_ones_stay(
-    seeded: tuple[Operations, Settings],
+    seeded: tuple[Operations, Settings], now: datetime
 ) -> None:
     ops, settings = seeded
     care = Care(ops.database, ops.backups, settings)
     try:
-        preview = {r.table: r for r in care.retention.run(dry_run=True, now=NOW)}
+        preview = {r.table: r for r in care.retention.run(dry_run=True, now=now)}
         assert (preview["events"].removed, preview["events"].kept_referenced) == (OLD_FILLER + 2, 0)
         assert (preview["chats"].removed, preview["chats"].kept_referenced) == (0, 3)
         assert len(_ids(ops, Event.id)) == OLD_FILLER + 4  # a dry run deletes nothing
 
-        results = {r.table: r for r in care.retention.run(now=NOW)}
+        results = {r.table: r for r in care.retention.run(now=now)}
     finally:
         care.dispose()
     assert _ids(ops, Event.id) == {3, 4}  # 30 days + 1 minute old went; 30 days - 1 minute stays
@@ -117,7 +122,7 @@ def test_cleanup_on_the_command_line(tmp_path: Path, sqlite_url: str) -> None:
     ops = Operations(_settings(sqlite_url, tmp_path))
     ops.open()
     with ops.database.session() as session:
-        _seed(session)
+        _seed(session, datetime.now(UTC))
     ops.close()
 
     code, output = run_cli(["db", "cleanup", "--dry-run"], cwd=tmp_path)
@@ -190,7 +195,7 @@ async def test_the_daily_job_applies_retention_in_the_running_bot(
     async with running_host(settings, job_queue=True) as (host, plugin):
         assert host.job_queue.get_jobs_by_name("database-daily-care")
         with plugin.database.session() as session:
-            _seed(session)
+            _seed(session, datetime.now(UTC))
         await plugin.care.daily()
         with plugin.database.session(write=False) as session:
             remaining = set(session.scalars(select(Event.id)))
