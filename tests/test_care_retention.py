@@ -63,7 +63,7 @@ def now() -> datetime:
 
 @pytest.fixture
 def seeded(
-    database_url: str, make_settings: SettingsFactory
+    database_url: str, make_settings: SettingsFactory, now: datetime
 ) -> Iterator[tuple[Operations, Settings]]:
     settings = make_settings(database_url, retention=RULES)
     ops = Operations(settings)
