@@ -67,6 +67,22 @@ def setting(
     )
 
 
+def entries(item: type, *, example: str, doc: str = "") -> Any:
+    """Declare that the section's other keys are names of the user's choosing, each a small
+    table of the keys ``item`` declares (itself declared with :func:`setting`)::
+
+        [retention]
+        events = { column = "created_at", keep_days = 30 }
+
+    The field holds ``{name: item}``. Errors name the key as ``[retention] events.keep_days``.
+    ``example``: the name the example configuration shows (commented out).
+    """
+    return field(
+        default_factory=dict,
+        metadata={"entries": item, "doc": doc, "example": example, "unset": True},
+    )
+
+
 # -- rules -------------------------------------------------------------------------------------
 
 
@@ -330,7 +346,12 @@ class Settings:
     def with_section(self, name: str, **changes: Any) -> Settings:
         """A copy with some keys of one section changed (checked like the file's)."""
         current = self.sections[name]
-        values = {f.name: getattr(current, f.name) for f in dataclasses.fields(current)}
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(current):
+            if f.metadata.get("entries"):  # named tables: their names are the keys
+                values.update(getattr(current, f.name))
+            else:
+                values[f.name] = getattr(current, f.name)
         for key in changes:
             if key not in values:
                 raise ConfigError(f"unknown key [{name}] {key}")
@@ -462,18 +483,30 @@ def _build_section(
     values: Mapping[str, Any],
     label: str,
     from_env: Mapping[tuple[str, str], str],
+    scope: str = "",
 ) -> Any:
+    """Build section ``cls`` from ``values``; ``scope`` names its keys in errors
+    (``[backup] ``, or ``[retention] events.`` for a named table)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
+    scope = scope or f"[{name}] "
+    named = next((f for f in fields.values() if f.metadata.get("entries")), None)
+    if named is not None:
+        fields.pop(named.name)
+        kwargs[named.name] = {}
     for key, value in values.items():
+        if key not in fields and named is not None:
+            item = named.metadata["entries"]
+            kwargs[named.name][key] = _build_entry(name, key, item, value, label)
+            continue
         if key not in fields:
             raise ConfigError(
-                f"{label}: unknown key [{name}] {key} (known keys: {', '.join(fields)})"
+                f"{label}: unknown key {scope}{key} (known keys: {', '.join(fields)})"
             )
-        where = f"{label}: [{name}] {key}"
+        where = f"{label}: {scope}{key}"
         if (name, key) in from_env:
-            where = f"environment: {from_env[(name, key)]} ([{name}] {key})"
+            where = f"environment: {from_env[(name, key)]} ({scope}{key})"
         secret = bool(fields[key].metadata.get("secret"))
         converted = _convert(value, hints[key], where, secret)
         check = fields[key].metadata.get("check")
@@ -484,8 +517,21 @@ def _build_section(
     section = cls(**kwargs)
     check_all = getattr(section, "problems", None)
     for key, problem in check_all() if check_all is not None else ():
-        raise ConfigError(f"{label}: [{name}] {key}: {problem}")
+        raise ConfigError(f"{label}: {scope}{key}: {problem}")
     return section
+
+
+def _build_entry(section: str, name: str, item: type, value: Any, label: str) -> Any:
+    """One named table of an ``entries`` section: ``[retention] events = { ... }``."""
+    if isinstance(value, item):  # already built (``Settings.with_section``)
+        return value
+    if not isinstance(value, Mapping):
+        keys = ", ".join(f.name for f in dataclasses.fields(item))
+        raise ConfigError(
+            f"{label}: [{section}] {name}: expected a table of {keys} "
+            f"(e.g. {name} = {{ ... }}), got {_show(value)}"
+        )
+    return _build_section(section, item, value, label, {}, scope=f"[{section}] {name}.")
 
 
 def _convert(value: Any, hint: Any, where: str, secret: bool = False) -> Any:
@@ -556,9 +602,12 @@ def describe_keys(settings: Settings | None = None) -> list[tuple[str, str, Any,
     """(section, key, default, doc, unset) for every key: the source of
     ``config.example.toml``."""
     settings = settings or settings_from_mapping({}, environ={})
-    rows = []
+    rows: list[tuple[str, str, Any, str, bool]] = []
     for section, value in settings.sections.items():
         for f in dataclasses.fields(value):
             meta = f.metadata
+            if meta.get("entries"):  # named tables: the example's name, shown commented out
+                rows.append((section, meta["example"], {}, meta.get("doc", ""), True))
+                continue
             rows.append((section, f.name, f.default, meta.get("doc", ""), meta.get("unset", False)))
     return rows

@@ -191,8 +191,12 @@ def flipped_zst_alone(plugin: DatabasePlugin) -> str:
 def flipped_raw_alone(plugin: DatabasePlugin) -> str:
     path = _take(plugin, "none")
     _drop_manifest(path)
-    _flip(path, at=0.9, count=2048)
-    return path.name
+    with sqlite3.connect(f"file:{path}?immutable=1", uri=True) as connection:
+        root = connection.execute("SELECT rootpage FROM sqlite_master WHERE name = 'users'")
+        page = root.fetchone()[0] * connection.execute("PRAGMA page_size").fetchone()[0]
+    connection.close()
+    _flip(path, at=(page - 2048) / path.stat().st_size, count=2048)  # the end of users' page:
+    return path.name  # its rows (a fixed offset may fall in a page's unused middle)
 
 
 def not_sqlite(plugin: DatabasePlugin) -> str:

@@ -77,6 +77,14 @@ def test_values_from_file_and_environment(tmp_path: Path) -> None:
         ({"migrations": {"metadata": "models"}}, "must be 'package.module:attribute'"),
         ({"shutdown": {"timeout_seconds": 1e12}}, "[shutdown] timeout_seconds = 1000000000000.0"),
         ({"bot": {"plugins": ["not a module"]}}, "is not an import string"),
+        # [retention]: one small table per table name (database care, issue 12).
+        ({"retention": {"events": 30}}, "[retention] events: expected a table of column, keep"),
+        ({"retention": {"events": {"colum": "x"}}}, "unknown key [retention] events.colum"),
+        ({"retention": {"events": {"keep_days": 0}}}, "[retention] events.keep_days = 0: must be"),
+        ({"retention": {"events": {"keep_days": "30"}}}, "events.keep_days: expected a number"),
+        ({"retention": {"events": {"column": ""}}}, '[retention] events.column = "": must name'),
+        ({"queries": {"slow_ms": 0}}, "[queries] slow_ms = 0: must be greater than 0"),
+        ({"maintenance": {"vacuum_free_ratio": 1.5}}, "vacuum_free_ratio = 1.5: must be between"),
     ],
 )
 def test_bad_values_name_the_key(raw: dict, expected: str) -> None:
@@ -84,6 +92,18 @@ def test_bad_values_name_the_key(raw: dict, expected: str) -> None:
         settings_from_mapping(raw, environ={})
     assert expected in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_retention_names_tables_of_their_own() -> None:
+    settings = settings_from_mapping(
+        {"retention": {"events": {"column": "created_at", "keep_days": 30}, "logs": {}}},
+        environ={},
+    )
+    rules = settings.retention.tables
+    assert (rules["events"].column, rules["events"].keep_days) == ("created_at", 30)
+    assert (rules["logs"].column, rules["logs"].keep_days) == ("created_at", 30)
+    assert settings.with_section("retention").retention == settings.retention
+    assert settings_from_mapping({}, environ={}).retention.tables == {}
 
 
 def test_errors_never_show_secrets() -> None:

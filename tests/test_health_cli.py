@@ -29,7 +29,7 @@ async def test_healthy_exits_0_and_prints_every_check(tmp_path: Path) -> None:
     code, output = run_cli(["--config", str(config), "health"], cwd=tmp_path)
     assert code == 0, output
     lines = output.splitlines()
-    assert re.fullmatch(r"healthy \(6 checks in \d+ ms\)", lines[0])
+    assert re.fullmatch(r"healthy \(8 checks in \d+ ms\)", lines[0])
     assert re.fullmatch(
         r"  database +healthy +Schema v3 \| 4 tables \| 0 records \([\d.]+ ms\)", lines[1]
     )
@@ -41,6 +41,8 @@ async def test_healthy_exits_0_and_prints_every_check(tmp_path: Path) -> None:
         "database_size",
         "database_backups",
         "disk_space",
+        "database_maintenance",
+        "database_growth",
     ]
 
 

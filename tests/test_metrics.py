@@ -92,6 +92,8 @@ async def test_metrics_parse_back_with_prometheus_names_and_the_measured_values(
         "database_size": 0,
         "database_backups": 0,
         "disk_space": 0,
+        "database_maintenance": 0,
+        "database_growth": 0,
     }
     revisions = {
         dict(labels)["revision"]

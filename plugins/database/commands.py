@@ -1,4 +1,4 @@
-"""The admin chat commands: /health, /dbstats, /backup.
+"""The admin chat commands: /health, /dbstats (database care's figures too), /backup.
 
 Each handler is a thin caller of the plugin (the same methods the CLI and the HTTP API use);
 this module only decides what to say. Answers use HTML parse mode with every outside value
@@ -25,6 +25,7 @@ from dbkeeper.texts import duration, escape, megabytes, split_message
 
 from .backup.manifest import Backup
 from .backup.pipeline import BackupStats
+from .care import CareSummary
 from .errors import BackupError, BackupInProgress
 from .health.checks import DatabaseStatistics
 
@@ -39,6 +40,7 @@ MENU = [
     ("backup", "Take a verified backup now"),
 ]
 TABLES_SHOWN = 15
+QUERY_CHARS = 160  # a statement's shape in /dbstats is cut here (GET /api/queries has more)
 ERROR_CHARS = 400  # an error quoted in an answer is cut here: the log has all of it
 
 
@@ -70,8 +72,19 @@ class AdminCommands:
             )
             return
         backups = await asyncio.to_thread(self.plugin.backups.stats)
+        care = None
+        if self.plugin.care is not None:
+            try:
+                timeout = self.context.settings.health.check_timeout_seconds
+                care = await asyncio.wait_for(self.plugin.care.summary(), timeout)
+            except Exception as error:  # the rest of the answer still stands
+                log.warning("/dbstats: database care figures unavailable: %s", _short(error))
         text = format_dbstats(
-            stats, backups, self.plugin.database.display_url, self.context.describe_instance()
+            stats,
+            backups,
+            self.plugin.database.display_url,
+            self.context.describe_instance(),
+            care=care,
         )
         await self._answer(update, text)
 
@@ -159,7 +172,12 @@ def format_health(report: HealthReport, instance: str = "") -> str:
 
 
 def format_dbstats(
-    stats: DatabaseStatistics, backups: BackupStats, url: str, instance: str = ""
+    stats: DatabaseStatistics,
+    backups: BackupStats,
+    url: str,
+    instance: str = "",
+    *,
+    care: CareSummary | None = None,
 ) -> str:
     status, migrations, overview = stats.status, stats.migrations, stats.overview
     lines = [f"<b>Database</b> {escape(url)}"]
@@ -200,7 +218,42 @@ def format_dbstats(
             f"⚠️ Last backup attempt failed {_ago(backups.last_failure.at)}: "
             f"{escape(_short(backups.last_failure.error))}"
         )
+    if care is not None:
+        lines += format_care(care)
     return "\n".join(lines)
+
+
+def format_care(care: CareSummary) -> list[str]:
+    """/dbstats' database care: the three worst query shapes, growth, maintenance, retention."""
+    lines = []
+    if not care.tracking:
+        lines.append("<b>Queries</b> not timed ([queries] track = false)")
+    elif not care.worst:
+        lines.append("<b>Queries</b> none timed yet")
+    else:
+        lines.append(f"<b>Worst queries</b> (by total time; over {care.slow_ms:g} ms is logged)")
+        for rank, query in enumerate(care.worst, 1):
+            text = query["query"]
+            text = text if len(text) <= QUERY_CHARS else text[: QUERY_CHARS - 1] + "…"
+            lines.append(
+                f"{rank}. <code>{escape(text)}</code> — {query['calls']:,} calls, "
+                f"{query['total_ms']:,.0f} ms in total, mean {query['mean_ms']:.1f} ms, "
+                f"max {query['max_ms']:,.0f} ms"
+            )
+    if care.forecast is not None:
+        icon = "⚠️ " if care.forecast.alarming else ""
+        lines.append(f"{icon}<b>Growth</b> {escape(care.forecast.describe())}")
+    if care.maintenance:
+        lines.append("<b>Maintenance</b>")
+        lines += [f"  {escape(line.strip())}" for line in care.maintenance]
+    if care.rules:
+        done = {result.table: result for result in care.retention}
+        lines.append("<b>Retention</b>")
+        for table, (column, days) in care.rules.items():
+            last = done.get(table)
+            outcome = f"; last run {_ago(last.finished_at)}: {last.describe()}" if last else ""
+            lines.append(f"  • {escape(table)}: {days:g} days by {escape(column)}{escape(outcome)}")
+    return lines
 
 
 def format_backup(info: Backup) -> str:

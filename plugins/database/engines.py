@@ -14,7 +14,16 @@
 ``leader``      the leader lock: no pool, named after the instance so that every
                 instance can see who leads.
 ``tool``        a short task of dbkeeper's own (a backup's snapshot), bounded by ``timeout``.
+``maintenance`` database care's own writes (retention batches, size samples, space reclaim,
+                ``ANALYZE``/``VACUUM``): no pool, so it is never timed with the bot's
+                statements; SQLite in autocommit (each step says where its transaction
+                begins and ends), foreign keys on, never creating the file.
 ==============  ===========================================================================
+
+New SQLite databases are created with ``auto_vacuum = INCREMENTAL``: free pages can then be
+given back to the file system in short steps (``care.maintenance``) instead of a ``VACUUM``
+that blocks writers while it rewrites the whole file. An existing database keeps its mode
+until something runs ``VACUUM`` on it.
 
 SQLite connections: the stdlib driver does not BEGIN before DDL or SELECT, so SQLAlchemy emits
 BEGIN itself (the recipe in SQLAlchemy's SQLite documentation): a revision's DDL then commits
@@ -40,7 +49,7 @@ from sqlalchemy.pool import NullPool
 
 from .settings import DatabaseSettings, normalize_database_url
 
-Purpose = Literal["app", "migrations", "probe", "leader", "tool"]
+Purpose = Literal["app", "migrations", "probe", "leader", "tool", "maintenance"]
 # Execution option naming the kind of BEGIN SQLite connections emit: DEFERRED, IMMEDIATE.
 SQLITE_BEGIN = "dbkeeper_sqlite_begin"
 # Every engine this factory made, and those an env.py makes while dbkeeper migrates: anything
@@ -69,12 +78,15 @@ def is_own(engine: Engine) -> bool:
         OWN_ENGINES.add(origin)
         return True
     return False
+
+
 APPLICATION_NAMES = {
     "app": "dbkeeper-app",
     "migrations": "dbkeeper-migrations",
     "probe": "dbkeeper-health",
     "leader": "dbkeeper-leader",
     "tool": "dbkeeper-backup",
+    "maintenance": "dbkeeper-maintenance",
 }
 
 
@@ -121,7 +133,7 @@ def _sqlite_engine(
     busy_ms = int(settings.busy_timeout_ms)
     if timeout is not None:
         busy_ms = int(min(busy_ms, timeout * 1000))
-    if purpose in ("probe", "leader", "tool"):
+    if purpose in ("probe", "leader", "tool", "maintenance"):
         file = sqlite_file(url)
         assert file is not None
         # mode=rw: a check never creates a database that is not there.
@@ -139,6 +151,8 @@ def _sqlite_engine(
             dbapi_connection.execute(f"PRAGMA busy_timeout = {busy_ms}")
             if purpose == "probe":
                 dbapi_connection.execute("PRAGMA query_only = ON")  # checks never write
+            if purpose == "maintenance":
+                dbapi_connection.execute("PRAGMA foreign_keys = ON")
 
         return engine
 
@@ -154,6 +168,10 @@ def _sqlite_engine(
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            if cursor.execute("PRAGMA page_count").fetchone()[0] == 0:
+                # A new database, before WAL mode writes its first page. (On an existing one
+                # the pragma could write the header, and wait for another writer's lock.)
+                cursor.execute("PRAGMA auto_vacuum = INCREMENTAL")
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.execute(f"PRAGMA foreign_keys = {foreign_keys}")

@@ -1,9 +1,9 @@
 """The database plugin: registers with its context; ``Operations`` does the work.
 
 Startup: connect, migrate and validate (``Operations.open``) off the event loop, then lead or
-stand by, then schedule backups. Shutdown, in order: scheduled backups stop, the WAL is
-flushed, the final backup (the leader's), the database closes, the leader lease goes to a
-standby.
+stand by, then schedule backups and database care (``care``). Shutdown, in order: database
+care and scheduled backups stop, the WAL is flushed, the final backup (the leader's), the
+database closes, the leader lease goes to a standby.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .status import StatusSections
 if TYPE_CHECKING:
     import click
 
+    from .care import Care
     from .health.checks import DatabaseHealth
 
 log = logging.getLogger("dbkeeper.database")
@@ -56,6 +57,7 @@ class DatabasePlugin(Plugin):
         self.context: PluginContext | None = None
         self.ops: Operations | None = Operations(settings) if settings is not None else None
         self.health: DatabaseHealth | None = None
+        self.care: Care | None = None
         self.leadership: Leadership | None = None
         self._backup_stop = threading.Event()
         self._stepped_down = threading.Event()  # stops the scheduled backup of a leader no more
@@ -100,6 +102,7 @@ class DatabasePlugin(Plugin):
     # -- the host's steps -------------------------------------------------------------------------
 
     def setup(self, context: PluginContext) -> None:
+        from .care import Care
         from .commands import AdminCommands
         from .health.checks import DatabaseHealth
 
@@ -117,6 +120,8 @@ class DatabasePlugin(Plugin):
             background_scans=not context.one_shot,
         )
         self.health.register(context)
+        self.care = Care(ops.database, ops.backups, context.settings, one_shot=context.one_shot)
+        self.care.register(context)
         if context.one_shot:
             return
         sections = StatusSections(self.health, ops.backups)
@@ -135,6 +140,8 @@ class DatabasePlugin(Plugin):
         ops = self.operations
         try:
             await asyncio.to_thread(ops.open)
+            if self.care is not None:  # [retention] names tables and columns that exist
+                await asyncio.to_thread(self.care.check_schema)
         except DatabaseError as error:
             await asyncio.to_thread(ops.close)
             interrupted = isinstance(error, MigrationInterrupted)
@@ -150,6 +157,8 @@ class DatabasePlugin(Plugin):
             # so a failed startup is always alerted).
             self.context.provide_leadership(self.leadership)
         self._start_backups()
+        if self.care is not None:
+            await self.care.start()
 
     async def interrupt(self, why: str) -> None:
         """A stop was requested while starting: a lock wait gives up, a running revision is
@@ -162,6 +171,8 @@ class DatabasePlugin(Plugin):
         (the leader's), the database closes, and the leader lease goes to a standby."""
         ops = self.operations
         try:
+            if self.care is not None:
+                await self.care.stop()  # its PRAGMA optimize runs as the connections close
             await self._stop_backups()
             await asyncio.to_thread(ops.flush)
             log.info("shutdown: database flushed")
@@ -186,9 +197,12 @@ class DatabasePlugin(Plugin):
         While another backup or restore runs, ``wait=False`` raises ``BackupInProgress`` (the
         chat command says "a backup is already running"); ``wait=True`` waits for it.
         """
-        return await asyncio.to_thread(
+        backup = await asyncio.to_thread(
             self.operations.backups.create, reason, wait=wait, progress=progress
         )
+        if self.care is not None:
+            self.care.after_backup()  # reclaims free space soon, at a quiet moment
+        return backup
 
     async def restore(self, name: str, *, progress: Progress | None = None) -> RestoreReport:
         """Restore backup ``name`` while the bot runs: its database work waits for the swap,

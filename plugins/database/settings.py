@@ -1,4 +1,5 @@
-"""The database plugin's configuration sections: ``[database]``, ``[migrations]``, ``[backup]``.
+"""The database plugin's configuration sections: ``[database]``, ``[migrations]``, ``[backup]``,
+and those of database care: ``[queries]``, ``[maintenance]``, ``[retention]``.
 
 Declared like the host's (``dbkeeper.config.setting``): each key once, with its type, default
 and rule, so a wrong value stops startup with one line naming the key.
@@ -6,10 +7,11 @@ and rule, so a wrong value stops startup with one line naming the key.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dbkeeper.config import at_least, one_of, seconds, setting
+from dbkeeper.config import at_least, between, entries, one_of, positive, seconds, setting
 
 # dbkeeper's example schema: the revisions of the members feature, shipped in the package.
 EXAMPLE_SCRIPT_LOCATION = "dbkeeper.migrations:"
@@ -160,8 +162,74 @@ class BackupSettings:
     )
 
 
+# -- database care (plugins/database/care) ------------------------------------------------------
+
+
+def share_of_file(value: float) -> str | None:
+    return None if 0 < value < 1 else "must be between 0 and 1 (a share of the file, e.g. 0.25)"
+
+
+def column_name(value: str) -> str | None:
+    return None if value.strip() else "must name the table's time column (e.g. created_at)"
+
+
+def days_to_keep(value: float) -> str | None:
+    if value <= 0:
+        return "must be greater than 0"
+    return None if value <= 36500 else "must be at most 36500 (a century)"
+
+
+@dataclass(frozen=True)
+class QuerySettings:
+    track: bool = setting(
+        True, doc="time the bot's own statements, grouped by shape (GET /api/queries, /dbstats)"
+    )
+    slow_ms: float = setting(
+        100, positive, doc="a statement slower than this is logged once per shape, with its plan"
+    )
+    max_shapes: int = setting(
+        500, between(10, 100_000), doc="shapes kept in memory; beyond it the cheapest go first"
+    )
+
+
+@dataclass(frozen=True)
+class MaintenanceSettings:
+    optimize_interval_seconds: float = setting(
+        3600,
+        seconds(1),
+        doc="SQLite: PRAGMA optimize on the bot's connections this often (also at open and close)",
+    )
+    vacuum_free_ratio: float = setting(
+        0.25,
+        share_of_file,
+        doc="SQLite: reclaim free pages above this share of the file (after a backup, when quiet)",
+    )
+
+
+@dataclass(frozen=True)
+class RetentionRule:
+    """One table of ``[retention]``: ``events = { column = "created_at", keep_days = 30 }``."""
+
+    column: str = setting(
+        "created_at", column_name, doc="its time column (a date/time, or unix seconds)"
+    )
+    keep_days: float = setting(30, days_to_keep, doc="rows older than this many days are deleted")
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    tables: Mapping[str, RetentionRule] = entries(
+        RetentionRule,
+        example="events",
+        doc="per table: rows older than keep_days (by column) are deleted daily, in small batches",
+    )
+
+
 SECTIONS: dict[str, type] = {
     "database": DatabaseSettings,
     "migrations": MigrationSettings,
     "backup": BackupSettings,
+    "queries": QuerySettings,
+    "maintenance": MaintenanceSettings,
+    "retention": RetentionSettings,
 }

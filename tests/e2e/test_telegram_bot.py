@@ -103,6 +103,10 @@ def test_admin_commands_answer_and_strangers_get_nothing(
         # The admin who talked to the bot is a member now (the members feature records everyone).
         assert "4 tables" in text and "• users: ≈1" in text
         assert "<b>Backups</b> 1 ·" in text
+        # Database care: the bot's own statements (the members feature's writes), its growth.
+        assert "<b>Worst queries</b> (by total time; over 100 ms is logged)" in text
+        assert "\n1. <code>" in text and " calls, " in text
+        assert "<b>Growth</b> " in text and "<b>Maintenance</b>" in text
 
         # A stranger, in private and in a group: no answer, no backup, one log line each.
         before = _backups(tmp_path)

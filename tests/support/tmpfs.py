@@ -12,8 +12,14 @@ import pytest
 
 @contextlib.contextmanager
 def mounted_tmpfs(target: Path, options: str) -> Iterator[Path]:
-    """A tmpfs mounted at ``target`` with ``options`` (``size=4m``...); skips where not allowed."""
+    """A tmpfs mounted at ``target`` with ``options`` (``size=4m``...); skips where not allowed.
+
+    Its root is the owner's only (mode 0700, unless the options say otherwise): a tmpfs is
+    world-writable by default, and dbkeeper refuses to write into such a directory.
+    """
     target.mkdir(exist_ok=True)
+    if "mode=" not in options:
+        options += ",mode=0700"
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
         capture_output=True,

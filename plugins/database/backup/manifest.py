@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..locks import open_private
+from ..migrate.bookkeeping import UNCOUNTED_TABLES
 
 MANIFEST_SUFFIX = ".manifest.json"
 FORMAT = 1
@@ -48,7 +49,8 @@ class Backup:
 
     @property
     def rows(self) -> int:
-        return sum(self.tables.values())
+        """The database's rows (dbkeeper's size history left out: ``UNCOUNTED_TABLES``)."""
+        return sum(n for table, n in self.tables.items() if table not in UNCOUNTED_TABLES)
 
     def at(self, path: Path) -> Backup:
         """The same record, for the file at ``path``."""

@@ -1,4 +1,5 @@
-"""``dbkeeper db ...``: schema version, migrating, history, downgrading, adopting.
+"""``dbkeeper db ...``: schema version, migrating, history, downgrading, adopting; and database
+care on demand: planner statistics, free space, retention.
 
 Thin: each verb parses, calls ``Operations``, and prints. Read-only verbs (``status``,
 ``history``) never create a database; they say there is none yet.
@@ -6,17 +7,21 @@ Thin: each verb parses, calls ``Operations``, and prints. Read-only verbs (``sta
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
 from dbkeeper.cli.context import CliContext, fails_plainly
 
 from ..operations import Operations
+
+if TYPE_CHECKING:
+    from ..care import Care
 
 T = TypeVar("T")
 
@@ -203,6 +208,62 @@ def baseline(obj: CliContext, revision: str) -> None:
     click.echo(f"adopted at {adopted.name} ({adopted.label})")
     for line in report.problems():
         click.echo(f"warning: {line}", err=True)
+
+
+# -- database care ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def care(obj: CliContext) -> Iterator[Care]:
+    """Database care for an existing database; everything closed afterwards."""
+    from ..care import Care
+
+    ops = operations(obj, existing=True)
+    ops.database.connect(create=False)
+    parts = Care(ops.database, ops.backups, obj.settings)
+    try:
+        yield parts
+    finally:
+        parts.dispose()
+        ops.close()
+
+
+@db.command()
+@click.pass_obj
+@fails_plainly
+def optimize(obj: CliContext) -> None:
+    """Refresh the query planner's statistics now (ANALYZE)."""
+    with care(obj) as parts:
+        result = parts.optimize_now()
+    click.echo(result.describe())
+
+
+@db.command()
+@click.pass_obj
+@fails_plainly
+def vacuum(obj: CliContext) -> None:
+    """Reclaim free space now (SQLite: free pages back to the file system; PostgreSQL:
+    VACUUM (ANALYZE)). Refused while a backup or restore runs."""
+    with care(obj) as parts:
+        result = parts.vacuum_now()
+    click.echo(result.describe())
+
+
+@db.command()
+@click.option("--dry-run", is_flag=True, help="Say what would go; delete nothing.")
+@click.pass_obj
+@fails_plainly
+def cleanup(obj: CliContext, dry_run: bool) -> None:
+    """Delete the rows [retention] lets go, in small batches (--dry-run: count them)."""
+    with care(obj) as parts:
+        if not parts.retention.configured:
+            click.echo("no [retention] rules: nothing to clean up (config.example.toml shows one)")
+            return
+        results = parts.cleanup_now(dry_run=dry_run)
+    for result in results:
+        click.echo(result.describe())
+    if dry_run:
+        click.echo("dry run: nothing was deleted")
 
 
 def _when(moment: datetime) -> str:

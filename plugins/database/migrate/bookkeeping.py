@@ -2,7 +2,8 @@
 
 ``alembic_version`` is Alembic's (the current revision); ``schema_migrations`` is dbkeeper's
 (every attempt to apply, revert or adopt a revision); ``dbkeeper_leader`` is the leader's lease
-on PostgreSQL (one row: who leads, and its heartbeat; see ``leadership.py``). None belongs to the
+on PostgreSQL (one row: who leads, and its heartbeat; see ``leadership.py``);
+``dbkeeper_size_samples`` is database care's size history (``care.growth``). None belongs to the
 bot's schema: drift detection, autogenerate (``alembic_env.include_object``), record counts and
 row counts leave them out.
 """
@@ -24,6 +25,7 @@ from sqlalchemy import (
 VERSION_TABLE = "alembic_version"
 HISTORY_TABLE = "schema_migrations"
 LEADER_TABLE = "dbkeeper_leader"
+SIZE_TABLE = "dbkeeper_size_samples"
 
 bookkeeping_metadata = MetaData()
 schema_migrations = Table(
@@ -44,6 +46,16 @@ schema_migrations = Table(
     Column("pid", Integer, nullable=False, default=0),
 )
 
+# One row per size sample: taken at health checks (no closer than their interval), thinned to
+# one a day once older than two days (``care.growth``).
+size_samples = Table(
+    SIZE_TABLE,
+    bookkeeping_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("taken_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("size_bytes", BigInteger, nullable=False),  # the database (SQLite: pages in use too)
+    Column("disk_free_bytes", BigInteger),  # its volume; NULL where it cannot be seen
+)
 
 # Its own MetaData: the leader election creates it, on PostgreSQL only (SQLite instances share
 # one machine and elect with a file lock), not the migrator with ``schema_migrations``.
@@ -59,7 +71,10 @@ dbkeeper_leader = Table(
     Column("renewed_at", DateTime(timezone=True)),  # for people: nobody compares clocks
 )
 
-BOOKKEEPING_TABLES = frozenset({HISTORY_TABLE, VERSION_TABLE, LEADER_TABLE})
+BOOKKEEPING_TABLES = frozenset({HISTORY_TABLE, VERSION_TABLE, LEADER_TABLE, SIZE_TABLE})
+# Backed up and verified like any table, but not counted in a backup's rows: every health check
+# adds to them, so the count would change between two backups of the same data.
+UNCOUNTED_TABLES = frozenset({SIZE_TABLE})
 
 
 def is_bookkeeping(name: str) -> bool:
