@@ -34,9 +34,13 @@ async def test_the_page_shows_checks_backups_and_a_chart_in_a_real_browser(
                 checks = page.wait_for("#checks tr.check")
                 backups = page.find_all("tr.backup")
                 charts = page.find_all("svg.chart circle.mark")
+                sizes = page.find_all("svg.chart polyline.series")  # the size over time
                 title = page.script("return document.title")
                 header = page.text("header h1")
                 shot = page.screenshot(tmp_path / "status-page.png")
+                assert sizes, "no size chart"
+                sections = [page.text(f"section:nth-of-type({i}) h2") for i in range(2, 6)]
+                assert {"Size and growth", "Slowest queries", "Backups"} <= set(sections)
                 return checks, backups, charts, title, header, shot
 
         import asyncio

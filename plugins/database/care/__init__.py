@@ -22,6 +22,7 @@ call the same methods.
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 import threading
 import time
@@ -39,10 +40,12 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import Connection
 
+from dbkeeper.charts import line_chart
 from dbkeeper.config import HealthSettings, Settings
 from dbkeeper.health import HealthReport, Outcome, unhealthy
 from dbkeeper.metrics import PREFIX, gauge
 from dbkeeper.plugin import PluginContext
+from dbkeeper.texts import megabytes
 
 from ..backup.engines.base import Limits
 from ..errors import BackupInProgress, describe_error
@@ -149,6 +152,8 @@ class Care:
             return
         context.add_route("GET", "/api/queries", self._queries_route)
         context.add_route("GET", "/api/stats", self._stats_route)
+        context.add_status_section("Size and growth", self.size_section)
+        context.add_status_section("Slowest queries", self.queries_section)
 
     def check_schema(self) -> None:
         """Blocking, at startup: the ``[retention]`` rules fit the live schema."""
@@ -336,6 +341,55 @@ class Care:
                 "shapes": self.queries.shapes,
             },
         }
+
+    # -- the status page ---------------------------------------------------------------------------
+
+    async def size_section(self) -> str:
+        """The size over time, its forecast to the day the disk fills, and the disk's size."""
+
+        def measure(connection: Connection) -> tuple[int, int | None, list[Any]]:
+            size, free = self.growth.measure(connection)
+            return size, free, self.growth.history(connection)
+
+        size, free, samples = await self._probe("status-growth", measure)
+        prediction = forecast(samples, size, free, self.growth.interval)
+        now = time.time()
+        points = [(s.taken_at.timestamp(), float(s.size_bytes)) for s in samples]
+        points.append((now, float(size)))
+        ahead: list[tuple[float, float]] = []
+        capacity = None if free is None else float(size + free)
+        if prediction.bytes_per_day is not None and prediction.bytes_per_day > 0:
+            until = prediction.full_at.timestamp() if prediction.full_at else now + 30 * 86400
+            until = min(until, now + 365 * 86400)
+            ahead = [(until, size + prediction.bytes_per_day * (until - now) / 86400)]
+        chart = line_chart(
+            points,
+            forecast=ahead,
+            limit=capacity if ahead and prediction.full_at else None,
+            label=megabytes,
+            title="database size over time, and its forecast",
+        )
+        return f"<p>{html.escape(prediction.describe())}</p>{chart}"
+
+    async def queries_section(self) -> str:
+        """The costliest statement shapes (normalized: never a value)."""
+        if not self._tracking:
+            return "<p class='empty'>statement timing is off ([queries])</p>"
+        rows = "".join(
+            f"<tr><td><code>{html.escape(q['query'][:300])}</code></td>"
+            f"<td class='num'>{q['calls']:,}</td><td class='num'>{q['mean_ms']:,.1f} ms</td>"
+            f"<td class='num hide-narrow'>{q['max_ms']:,.1f} ms</td>"
+            f"<td class='num'>{q['total_ms']:,.0f} ms</td></tr>"
+            for q in self.queries.top(5)
+        )
+        return (
+            f"<p>Statements over {self.query_settings.slow_ms:g} ms are logged once per shape "
+            "with their plan; the full list is at <code>/api/queries</code>.</p><table><tr>"
+            "<th>statement</th><th>calls</th><th>mean</th><th class='hide-narrow'>max</th>"
+            "<th>total</th></tr>"
+            + (rows or "<tr><td colspan=5 class=empty>no statement yet</td></tr>")
+            + "</table>"
+        )
 
     async def _queries_route(self, request: web.Request) -> web.Response:
         raw = request.query.get("limit", str(QUERIES_SHOWN))
