@@ -120,13 +120,14 @@ class DatabasePlugin(Plugin):
             background_scans=not context.one_shot,
         )
         self.health.register(context)
+        if not context.one_shot:  # the status page: schema and backups first
+            sections = StatusSections(self.health, ops.backups)
+            context.add_status_section("Schema and migrations", sections.schema)
+            context.add_status_section("Backups", sections.backups_section)
         self.care = Care(ops.database, ops.backups, context.settings, one_shot=context.one_shot)
         self.care.register(context)
         if context.one_shot:
             return
-        sections = StatusSections(self.health, ops.backups)
-        context.add_status_section("Schema and migrations", sections.schema)
-        context.add_status_section("Backups", sections.backups_section)
         self.leadership = Leadership(
             ops.database.settings,
             instance=context.instance,
