@@ -74,6 +74,11 @@ class _HealthCollector(Collector):
             "Alert messages given up on (Telegram refused them or did not answer by shutdown).",
             value=self.alerter.dropped,
         )
+        yield gauge(
+            "health_interval_seconds",
+            "[health] interval_seconds: a health check runs this often.",
+            self.monitor.settings.interval_seconds,
+        )
         report = self.monitor.last
         if report is None:
             return

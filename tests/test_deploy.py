@@ -236,3 +236,17 @@ def test_the_compose_example_runs_two_instances_on_postgresql() -> None:
             assert environment[secret].startswith("${"), secret  # never written in the file
         assert any(volume.endswith(":/data/data/backups") for volume in bot["volumes"])
     assert services["postgres"]["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+
+
+def test_the_readme_installs_what_the_unit_runs() -> None:
+    from tests.support.readme import block
+
+    steps = block("illustration", "deploy-systemd").text
+    unit = _unit()
+    [start] = unit["ExecStart"]
+    venv, config = start.split()[0].removesuffix("/bin/dbkeeper"), start.split()[2]
+    assert f"python3 -m venv {venv}" in steps and f"{venv}/bin/pip install" in steps
+    assert f"config.toml {config}" in steps
+    assert unit["EnvironmentFile"] == ["-/etc/dbkeeper/env"] and "/etc/dbkeeper/env" in steps
+    assert unit["User"] == ["dbkeeper"] and "--home-dir /var/lib/dbkeeper" in steps
+    assert "deploy/systemd/dbkeeper.service /etc/systemd/system/" in steps

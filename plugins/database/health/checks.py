@@ -195,7 +195,11 @@ class DatabaseHealth:
             stats = await self._in_thread("database_backups", backups.stats)
         except Exception as error:
             return unhealthy(f"cannot list the backups: {_reason(error)}")
-        values: dict[str, float] = {"count": stats.count, "size_bytes": stats.total_bytes}
+        values: dict[str, float] = {
+            "count": stats.count,
+            "size_bytes": stats.total_bytes,
+            "interval_seconds": self.backup_settings.interval_seconds,
+        }
         if stats.last_success_at is not None:
             values["last_success_timestamp_seconds"] = stats.last_success_at.timestamp()
         if stats.last_duration_seconds is not None:

@@ -41,6 +41,14 @@ FROM_CHECKS = {
     ("database_size", "size_bytes"): ("database_size_bytes", "Size of the database."),
     ("database_size", "wal_bytes"): ("database_wal_size_bytes", "SQLite write-ahead log size."),
     ("database_backups", "count"): ("backups", "Backups kept (complete and verified)."),
+    ("database_backups", "interval_seconds"): (
+        "backup_interval_seconds",
+        "[backup] interval_seconds: a scheduled backup is due this often.",
+    ),
+    ("database_migrations", "failed"): (
+        "database_migrations_failed",
+        "Pending revisions whose last attempt failed.",
+    ),
     ("database_backups", "size_bytes"): ("backups_size_bytes", "Size of all backups kept."),
     ("database_backups", "last_success_timestamp_seconds"): (
         "backup_last_success_timestamp_seconds",
