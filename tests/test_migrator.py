@@ -36,8 +36,7 @@ USER_ACTIVITY_V1 = REPO / "bench" / "revisions" / "0003_user_activity_v1.py"
 
 
 class Steps:
-    """The migrator's change steps in the order ``Operations`` drives them (lock, close
-    interrupted attempts, plan, refuse an unmanaged database, apply), without the backups."""
+    """The migrator's changes as ``Operations`` drives them, without the safety backups."""
 
     def __init__(self, migrator: Migrator) -> None:
         self.migrator = migrator
@@ -47,13 +46,7 @@ class Steps:
 
     def upgrade(self, target: str = "head") -> MigrationReport:
         with self.migrator.locked() as schema:
-            interrupted = schema.close_interrupted()
-            status, pending = schema.plan(target)
-            if pending and status.current is None:
-                schema.refuse_unmanaged()
-            report = schema.upgrade(pending, status)
-            report.interrupted = interrupted
-            return report
+            return schema.migrate(target)
 
     def downgrade(self, target: str) -> MigrationReport:
         with self.migrator.locked() as schema:
@@ -398,9 +391,13 @@ def test_interrupt_cancels_the_running_statement_rolls_back_and_records_it(
 def test_interrupt_before_a_revision_starts_runs_nothing_of_it(opened) -> None:
     db = opened()
     db.migrator.upgrade("0001")
-    db.migrator.interrupt("test stop")
-    with pytest.raises(MigrationInterrupted, match="stopped before applying revision 0002"):
-        db.migrator.upgrade()
+    with db.migrator.locked() as schema:
+        status, pending = schema.plan("head")
+        db.migrator.interrupt("test stop")  # after planning, as if during the safety backup
+        with pytest.raises(MigrationInterrupted, match="stopped before applying revision 0002"):
+            schema.upgrade(pending, status)
+    with pytest.raises(MigrationInterrupted, match="stopped before migrating"):
+        db.migrator.upgrade()  # a stop already requested: not even the plan's first step
     assert db.migrator.status().current == "0001"
     assert db.rows("SELECT count(*) FROM schema_migrations") == [(1,)]  # 0001's only
 

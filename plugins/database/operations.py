@@ -17,7 +17,7 @@ import contextlib
 import importlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import MetaData
@@ -159,28 +159,9 @@ class Operations:
         """Apply pending revisions (one transaction each, every attempt recorded); a database
         that already has a version is backed up first (reason pre-migration)."""
         with self.migrator.locked() as schema:
-            interrupted = schema.close_interrupted()
-            status, pending = schema.plan(target)
-            if not pending:
-                log.info(
-                    "schema is at %s%s; nothing to apply",
-                    status.current_name,
-                    " (head)" if status.at_head else "",
-                )
-                report = MigrationReport(status.current_version, status.current_version)
-            else:
-                if status.current is None:
-                    schema.refuse_unmanaged()
-                elif self.migrator.interrupted:  # a stop came while waiting: not even a backup
-                    raise MigrationInterrupted(
-                        f"stopped before migrating ({self.migrator.interrupted}); nothing was "
-                        "changed"
-                    )
-                else:
-                    self._safety_backup("pre-migration", pending)
-                report = schema.upgrade(pending, status)
-            report.interrupted = interrupted
-        return report
+            return schema.migrate(
+                target, before=lambda pending: self._safety_backup("pre-migration", pending)
+            )
 
     def downgrade(self, target: str) -> MigrationReport:
         """Revert down to ``target``, after a backup of the database (reason pre-downgrade)."""
@@ -219,7 +200,7 @@ class Operations:
             log.info("schema validated: every critical table present, no drift")
         return report
 
-    def _safety_backup(self, reason: str, pending: list[Revision] | None) -> None:
+    def _safety_backup(self, reason: str, pending: Sequence[Revision] | None) -> None:
         if not self.backups.available:
             log.info("not backing up first: %s", self.backups.engine.unavailable())
             return

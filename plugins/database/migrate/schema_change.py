@@ -233,6 +233,33 @@ class SchemaChange:
 
     # -- applying ---------------------------------------------------------------------------------
 
+    def migrate(
+        self, target: str = "head", before: Callable[[Sequence[Revision]], None] | None = None
+    ) -> MigrationReport:
+        """Close interrupted attempts, then apply what is pending up to ``target``. ``before``
+        runs first when a versioned database is about to change (the pre-migration backup)."""
+        interrupted = self.close_interrupted()
+        status, pending = self.plan(target)
+        if not pending:
+            log.info(
+                "schema is at %s%s; nothing to apply",
+                status.current_name,
+                " (head)" if status.at_head else "",
+            )
+            report = MigrationReport(status.current_version, status.current_version)
+        else:
+            if status.current is None:
+                self.refuse_unmanaged()
+            elif self.migrator.interrupted:  # a stop came while waiting: not even a backup
+                raise MigrationInterrupted(
+                    f"stopped before migrating ({self.migrator.interrupted}); nothing was changed"
+                )
+            elif before is not None:
+                before(pending)
+            report = self.upgrade(pending, status)
+        report.interrupted = interrupted
+        return report
+
     def upgrade(self, pending: Sequence[Revision], status: MigrationStatus) -> MigrationReport:
         report = MigrationReport(status.current_version, status.current_version)
         if not pending:
