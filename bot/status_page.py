@@ -125,15 +125,16 @@ class StatusPage:
             latency = f"{check.latency_ms:.0f} ms" if check.latency_ms is not None else ""
             rows.append(
                 f"<tr class='check' data-check='{html.escape(check.name)}'>"
-                f"<td><span class='dot {check.status.value}'></span> "
-                f"<b>{html.escape(check.name)}</b></td>"
-                f"<td class='status-{check.status.value}'>{check.status.value}</td>"
-                f"<td>{html.escape(check.message)}</td>"
+                f"<td><span class='dot {check.status.value}' title='{check.status.value}'></span> "
+                f"<b>{html.escape(check.name).replace('_', '_<wbr>')}</b></td>"
+                f"<td class='status-{check.status.value} hide-narrow'>{check.status.value}</td>"
+                f"<td class='wrap'>{html.escape(check.message)}</td>"
                 f"<td class='num hide-narrow'>{latency}</td></tr>"
             )
         return (
-            "<section id='checks'><h2>Checks</h2><table><tr><th>check</th><th>status</th>"
-            "<th>message</th><th class='hide-narrow'>latency</th></tr>"
+            "<section id='checks'><h2>Checks</h2><table><tr><th>check</th>"
+            "<th class='hide-narrow'>status</th><th>message</th>"
+            "<th class='hide-narrow'>latency</th></tr>"
             + "".join(rows)
             + "</table></section>"
         )

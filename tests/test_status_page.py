@@ -110,3 +110,34 @@ async def test_no_secret_and_no_users_data_on_the_page(
     assert answer.status == 200
     for secret in (TOKEN, "AAExampleExampleExampleExampleExam", "Private Person Name"):
         assert secret not in page
+
+
+async def test_the_page_reads_on_a_phone_without_sideways_scrolling(
+    sqlite_url: str, make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    require_tool(browser.missing())
+    settings = make_settings(sqlite_url, health={"http_port": free_port()})
+    async with running_host(settings) as (host, plugin):
+        await plugin.backup_now()
+        await host.monitor.check()
+        url = f"http://127.0.0.1:{host.http.port}/"
+
+        def look() -> tuple[int, int, float, Path]:
+            with browser.chromium() as page:
+                page.emulate_phone()
+                page.open(url)
+                page.wait_for("#checks tr.check")
+                page_width = page.script("return document.documentElement.scrollWidth")
+                screen = page.script("return window.innerWidth")
+                text_size = page.script(
+                    "return parseFloat(getComputedStyle(document.querySelector('main')).fontSize)"
+                )
+                return page_width, screen, text_size, page.screenshot(tmp_path / "phone.png")
+
+        import asyncio
+
+        page_width, screen, text_size, shot = await asyncio.to_thread(look)
+    assert screen == 390
+    assert page_width <= screen, "the page scrolls sideways on a phone"
+    assert text_size >= 14  # the viewport meta keeps the text readable, not zoomed out
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

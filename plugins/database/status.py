@@ -48,7 +48,7 @@ class StatusSections:
             f"<td class='status-{'healthy' if a.success else 'unhealthy'}'>{a.status}</td>"
             f"<td class='hide-narrow'>{html.escape(_when(a.started_at))}</td>"
             f"<td class='num'>{'' if a.execution_ms is None else f'{a.execution_ms:,} ms'}</td>"
-            f"<td>{html.escape(a.error or a.description)}</td></tr>"
+            f"<td class='wrap'>{html.escape(a.error or a.description)}</td></tr>"
             for a in attempts
         )
         overview = stats.overview

@@ -71,6 +71,16 @@ class Browser:
         self.cdp("Network.enable")
         self.cdp("Network.setExtraHTTPHeaders", headers={name: value})
 
+    def emulate_phone(self, width: int = 390, height: int = 844) -> None:
+        """A phone's screen from now on (a narrow viewport, touch, mobile layout rules)."""
+        self.cdp(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=2,
+            mobile=True,
+        )
+
     def open(self, url: str) -> None:
         self._call("POST", "/url", {"url": url})
 
