@@ -198,7 +198,8 @@ def test_the_containers_command_as_pid_1_stops_gracefully_with_a_final_backup(
         "DBKEEPER_HTTP_TOKEN": token,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
-    program = ["unshare", "--pid", "--fork", "--mount-proc"]
+    # --kill-child: a failing test that kills unshare takes dbkeeper (its PID 1) with it
+    program = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
     with BotProcess(command, cwd=data, env=env, program=program) as bot:
         pid1 = _child_of(bot.pid)
         bot.wait_for_line("dbkeeper is running")
