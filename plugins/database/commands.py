@@ -27,6 +27,8 @@ from .backup.manifest import Backup
 from .backup.pipeline import BackupStats
 from .errors import BackupError, BackupInProgress
 from .health.checks import DatabaseStatistics
+from .offsite.checks import summary as offsite_summary
+from .offsite.uploads import OffsiteStatus, UploadReport
 
 if TYPE_CHECKING:
     from .plugin import DatabasePlugin
@@ -70,8 +72,14 @@ class AdminCommands:
             )
             return
         backups = await asyncio.to_thread(self.plugin.backups.stats)
+        offsite = self.plugin.operations.offsite
+        copies = await asyncio.to_thread(offsite.status) if offsite is not None else None
         text = format_dbstats(
-            stats, backups, self.plugin.database.display_url, self.context.describe_instance()
+            stats,
+            backups,
+            self.plugin.database.display_url,
+            self.context.describe_instance(),
+            offsite=copies,
         )
         await self._answer(update, text)
 
@@ -92,6 +100,10 @@ class AdminCommands:
             )
             return
         await self._answer(update, format_backup(info))
+        if self.plugin.uploads is not None:
+            report = await self.plugin.uploads.wait()
+            if report is not None:
+                await self._answer(update, format_upload(report, info.name))
         if self.plugin.operations.backup_settings.send_to_chat:
             await self._upload(update, context, info)
 
@@ -159,7 +171,12 @@ def format_health(report: HealthReport, instance: str = "") -> str:
 
 
 def format_dbstats(
-    stats: DatabaseStatistics, backups: BackupStats, url: str, instance: str = ""
+    stats: DatabaseStatistics,
+    backups: BackupStats,
+    url: str,
+    instance: str = "",
+    *,
+    offsite: OffsiteStatus | None = None,
 ) -> str:
     status, migrations, overview = stats.status, stats.migrations, stats.overview
     lines = [f"<b>Database</b> {escape(url)}"]
@@ -200,6 +217,13 @@ def format_dbstats(
             f"⚠️ Last backup attempt failed {_ago(backups.last_failure.at)}: "
             f"{escape(_short(backups.last_failure.error))}"
         )
+    if offsite is not None:
+        lines.append(f"<b>Off-site</b> {escape(offsite_summary(offsite))}")
+        if offsite.failing and offsite.last_failure_at is not None:
+            lines.append(
+                f"⚠️ Last upload failed {_ago(offsite.last_failure_at)}: "
+                f"{escape(_short(offsite.last_failure))}"
+            )
     return "\n".join(lines)
 
 
@@ -210,6 +234,26 @@ def format_backup(info: Backup) -> str:
         f"{info.duration_seconds:.1f}s · schema v{info.schema_version} · "
         f"{len(info.tables)} tables, {info.rows:,} rows\n"
         f"Verified: integrity ok, sha256 <code>{info.sha256[:16]}</code>…"
+    )
+
+
+def format_upload(report: UploadReport, name: str) -> str:
+    """What the upload after ``/backup`` did."""
+    if report.failure is not None:
+        return (
+            f"⚠️ Not copied off-site: {escape(_short(report.failure))}\nThe backup is kept "
+            "here; the next backup uploads it."
+        )
+    if report.deferred is not None:
+        return f"⏳ Off-site copy postponed: {escape(report.deferred)}"
+    copy = report.uploaded_name(name)
+    copies = f"{report.copies} cop{'y' if report.copies == 1 else 'ies'} off-site"
+    if copy is None:
+        return f"☁️ {copies}"
+    encrypted = ", age-encrypted" if copy.encrypted else ""
+    return (
+        f"☁️ Copied off-site: <code>{escape(copy.object_key)}</code> "
+        f"({megabytes(copy.size_bytes)}{encrypted}), read back and verified · {copies}"
     )
 
 

@@ -1,9 +1,10 @@
 """The database plugin: registers with its context; ``Operations`` does the work.
 
 Startup: connect, migrate and validate (``Operations.open``) off the event loop, then lead or
-stand by, then schedule backups. Shutdown, in order: scheduled backups stop, the WAL is
-flushed, the final backup (the leader's), the database closes, the leader lease goes to a
-standby.
+stand by, then schedule backups (and, with ``[offsite] url``, upload what is missing off-site).
+Shutdown, in order: scheduled backups and background uploads stop, the WAL is flushed, the
+final backup (the leader's) and its upload within the budget, the database closes, the leader
+lease goes to a standby.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     import click
 
     from .health.checks import DatabaseHealth
+    from .offsite.background import BackgroundUploads
 
 log = logging.getLogger("dbkeeper.database")
 BACKUP_JOB = "database-backup"
@@ -42,6 +45,7 @@ BACKUP_RETRY_SECONDS = 60.0
 SHUTDOWN_RESERVE_SECONDS = 1.5
 FIRST_BACKUP_SECONDS = 10.0  # after the start of a bot that has no backup yet
 EXAMPLE_FEATURE = "dbkeeper.plugins.members"
+UPLOAD_STOP_SECONDS = 2.0  # at shutdown, for a running upload to stop at its next chunk
 
 
 class DatabasePlugin(Plugin):
@@ -58,6 +62,7 @@ class DatabasePlugin(Plugin):
         self._backup_stop = threading.Event()
         self._stepped_down = threading.Event()  # stops the scheduled backup of a leader no more
         self._deferred: asyncio.Task[None] | None = None
+        self.uploads: BackgroundUploads | None = None  # off-site copies, when configured
 
     @classmethod
     def companions(cls, raw: Mapping[str, Any]) -> Sequence[str]:
@@ -115,6 +120,12 @@ class DatabasePlugin(Plugin):
             background_scans=not context.one_shot,
         )
         self.health.register(context)
+        if ops.offsite is not None:
+            from .offsite.background import BackgroundUploads
+            from .offsite.checks import OffsiteHealth
+
+            OffsiteHealth(ops.offsite, ops.backup_settings.interval_seconds).register(context)
+            self.uploads = BackgroundUploads(ops.offsite, self._alert)
         if context.one_shot:
             return
         self.leadership = Leadership(
@@ -129,6 +140,8 @@ class DatabasePlugin(Plugin):
     async def start(self) -> None:
         ops = self.operations
         try:
+            if ops.offsite is not None:  # credentials, keys: before anything is changed
+                await asyncio.to_thread(ops.offsite.check)
             await asyncio.to_thread(ops.open)
         except DatabaseError as error:
             await asyncio.to_thread(ops.close)
@@ -158,6 +171,9 @@ class DatabasePlugin(Plugin):
         ops = self.operations
         try:
             await self._stop_backups()
+            if self.uploads is not None:
+                stop_by = min(deadline.at, time.monotonic() + UPLOAD_STOP_SECONDS)
+                await self.uploads.stop(Deadline(stop_by))
             await asyncio.to_thread(ops.flush)
             log.info("shutdown: database flushed")
             if ops.backup_settings.on_shutdown and self._takes_routine_backups():
@@ -181,18 +197,24 @@ class DatabasePlugin(Plugin):
         While another backup or restore runs, ``wait=False`` raises ``BackupInProgress`` (the
         chat command says "a backup is already running"); ``wait=True`` waits for it.
         """
-        return await asyncio.to_thread(
+        backup = await asyncio.to_thread(
             self.operations.backups.create, reason, wait=wait, progress=progress
         )
+        if self.uploads is not None:  # in the background: the backup is done and listed
+            self.uploads.request()
+        return backup
 
     async def restore(self, name: str, *, progress: Progress | None = None) -> RestoreReport:
         """Restore backup ``name`` while the bot runs: its database work waits for the swap,
         then goes on on the restored database (the same engine object)."""
         loop = asyncio.get_running_loop()
         ops = self.operations
-        return await asyncio.to_thread(
+        report = await asyncio.to_thread(
             ops.restore, name, pause=lambda: ops.database.paused(loop), progress=progress
         )
+        if self.uploads is not None and report.safety is not None:
+            self.uploads.request()  # the copy of what was replaced
+        return report
 
     # -- scheduled backups ----------------------------------------------------------------------
 
@@ -245,6 +267,8 @@ class DatabasePlugin(Plugin):
             await asyncio.to_thread(
                 self.operations.backups.create, "scheduled", stop=self._stepped_down
             )
+            if self.uploads is not None:
+                self.uploads.request()
         except BackupInProgress as busy:
             # Not queued behind it (a job waiting on a lock would hold up shutdown): tried again
             # shortly, so that a long restore or compression does not cost a whole interval.
@@ -268,6 +292,8 @@ class DatabasePlugin(Plugin):
             log.info("deferred compression postponed: %s", busy)
         except Exception:
             log.exception("deferred compression failed")
+        if self.uploads is not None and self._takes_routine_backups():
+            self.uploads.request()  # what the last run left (its shutdown backup), compressed
 
     async def _stop_backups(self) -> None:
         """No more scheduled backups; background compression stops at its next chunk."""
@@ -295,9 +321,14 @@ class DatabasePlugin(Plugin):
             )
         except (BackupError, OSError) as error:
             await self._alert_backup_failure(str(error))
+        if self.uploads is not None:
+            await self.uploads.final(budget)
 
     async def _alert_backup_failure(self, text: str) -> None:
+        await self._alert(text, "database.backup")
+
+    async def _alert(self, text: str, key: str) -> None:
         if self.context is not None:
-            await self.context.alert(text, key="database.backup")
+            await self.context.alert(text, key=key)
         else:
             log.error("%s", text)
