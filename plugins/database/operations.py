@@ -327,6 +327,8 @@ class Operations:
             raise BackupError(busy)
         if self.offsite is not None and self.gone_locally(name):
             self.offsite.fetch(name, identity, report)
+        if self.database.file is not None:  # a new machine: the restore stages beside it
+            self.database.file.parent.mkdir(parents=True, exist_ok=True)
         with backups.exclusive("restore", wait=False, limits=limits):
             candidate = prepare(backups, name, report, limits)
             try:

@@ -16,6 +16,7 @@ import click
 from dbkeeper.cli.context import EXIT_ERROR, CliContext, fails_plainly
 from dbkeeper.texts import size
 
+from ..offsite.checks import summary as offsite_summary
 from .db import operations
 from .offsite import echo_upload, list_offsite
 
@@ -173,6 +174,11 @@ def list_backups(obj: CliContext, offsite: bool) -> None:
     if stats.last_failure is not None:
         failure = stats.last_failure
         click.echo(f"last failure: {when(failure.at)} ({failure.reason}): {failure.error}")
+    if ops.offsite is not None:
+        click.echo(
+            f"off-site: {offsite_summary(ops.offsite.status())} in {ops.offsite.where} "
+            "(`dbkeeper backup list --offsite` lists them)"
+        )
 
 
 @backup.command()

@@ -378,11 +378,17 @@ class S3Storage:
         from botocore import exceptions as boto
 
         endpoint = self.endpoint or "AWS S3"
-        cause = error
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            if isinstance(cause, boto.ClientError):
-                break
-            cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+        known = (
+            boto.ClientError,
+            boto.EndpointConnectionError,
+            boto.ConnectionClosedError,
+            boto.ConnectTimeoutError,
+            boto.ReadTimeoutError,
+        )
+        cause: BaseException | None = error  # boto3 wraps a ClientError in its own errors
+        while cause is not None and not isinstance(cause, known):
+            cause = cause.__cause__ or cause.__context__
+        cause = cause or error
         if isinstance(cause, boto.ClientError):
             detail = cause.response.get("Error", {})
             code = str(detail.get("Code") or _status(cause) or "error")
