@@ -531,3 +531,43 @@ def test_dbstats_and_the_backup_answer_tell_about_the_offsite_copies() -> None:
     failed = UploadReport(failure="the off-site copy to s3://b/backups failed: <x>")
     assert format_upload(failed, "bot-db-x.db").startswith("⚠️ Not copied off-site: ")
     assert "&lt;x&gt;" in format_upload(failed, "bot-db-x.db")
+
+
+def test_wrong_credentials_are_refused_by_the_server_and_never_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that checks signatures (SeaweedFS takes its admin identity from the
+    environment it starts with): a wrong secret is a clear failure that never quotes it."""
+    import time
+
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with running_s3(tmp_path / "seaweedfs") as server:
+        client = s3_client(server)
+        client.create_bucket(Bucket="checked")
+        deadline = time.monotonic() + 60
+        while True:  # volumes grow on demand: wait until a write succeeds
+            try:
+                client.put_object(Bucket="checked", Key="probe", Body=b"x")
+                break
+            except Exception:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        wrong_secret = "not-the-secret-0123456789abcdef"
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong_secret)
+        url = f"sqlite:///{tmp_path / 'data' / 'bot.db'}"
+        ops = ops_for(tmp_path, url, url="s3://checked", endpoint=server.endpoint)
+        taken = ops.backup("manual")
+        assert taken.upload is not None and taken.upload.failure is not None
+        assert "SignatureDoesNotMatch" in taken.upload.failure
+        assert "check AWS_SECRET_ACCESS_KEY" in taken.upload.failure
+        assert wrong_secret not in taken.upload.failure
+        assert local_names(tmp_path) == [taken.backup.name]
+
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        ops = Operations(ops.settings)
+        report = ops.upload()
+        ops.close()
+        assert report is not None and report.ok, report
+        assert [copy.name for copy in report.uploaded] == [taken.backup.name]

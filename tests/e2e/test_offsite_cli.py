@@ -19,7 +19,7 @@ import pytest
 from dbkeeper.config import settings_from_mapping
 from tests.support.backups import add_users, listing, open_plugin, user_ids
 from tests.support.hosts import free_port
-from tests.support.process import BotProcess, run_cli, write_config
+from tests.support.process import REPO, BotProcess, run_cli, write_config
 from tests.support.s3 import S3Server, running_s3
 
 pytestmark = pytest.mark.timeout(180)
@@ -247,3 +247,18 @@ def test_offsite_mistakes_stop_startup_with_one_line(tmp_path: Path) -> None:
     assert code == 1, output
     assert "export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in output
     assert not (tmp_path / "bot.db").exists()  # refused before anything was changed
+
+
+def test_the_readme_listing_has_the_real_header(tmp_path: Path, s3: S3Server) -> None:
+    from tests.support.readme import block
+
+    shown = block("illustration", "offsite-list").text.splitlines()
+    workdir, _, _ = _workdir(tmp_path, s3, "readme-listing")
+    assert run_cli(["backup", "create"], cwd=workdir, env=ENV)[0] == 0
+    code, output = run_cli(["backup", "list", "--offsite"], cwd=workdir, env=ENV)
+    assert code == 0 and shown[2] in output.splitlines(), output
+    assert output.splitlines()[-1].startswith("1 copy, ")
+    # The key pair shown is one (the same public key is in the configuration example).
+    public = block("illustration", "age-keygen").text.split("Public key: ")[1].strip()
+    pyrage.x25519.Recipient.from_str(public)
+    assert f'encrypt_to = ["{public}"]' in (REPO / "README.md").read_text()

@@ -44,7 +44,8 @@ log = logging.getLogger("dbkeeper.offsite")
 CHUNK = 1 << 20
 PLACE = "backups"
 MULTIPART_THRESHOLD = 64 << 20
-MULTIPART_CHUNK = 16 << 20
+MULTIPART_CHUNK = 8 << 20
+MULTIPART_BUFFERED = 4  # parts read ahead of the upload: memory stays near 32 MiB
 CONNECT_TIMEOUT_SECONDS = 10.0
 Check = Callable[[], None]  # raises to give up (a deadline, a stop request)
 
@@ -162,6 +163,10 @@ class DirectoryStorage:
     @contextlib.contextmanager
     def open(self, key: str) -> Iterator[BinaryIO]:
         path = self.directory / _plain(key)
+        if not self.base.is_dir():
+            raise StorageError(
+                f"the off-site directory {self.base} does not exist (is its disk mounted?)"
+            )
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -280,6 +285,7 @@ class S3Storage:
             multipart_chunksize=MULTIPART_CHUNK,
             max_concurrency=2,
         )
+        self.transfer.max_in_memory_upload_chunks = MULTIPART_BUFFERED
         self.write_args: dict[str, Any] = {}
         self.read_args: dict[str, Any] = {}
         if settings.sse_kms_key_id:
