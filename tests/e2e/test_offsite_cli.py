@@ -262,3 +262,28 @@ def test_the_readme_listing_has_the_real_header(tmp_path: Path, s3: S3Server) ->
     public = block("illustration", "age-keygen").text.split("Public key: ")[1].strip()
     pyrage.x25519.Recipient.from_str(public)
     assert f'encrypt_to = ["{public}"]' in (REPO / "README.md").read_text()
+
+
+def test_a_hung_server_never_holds_the_shutdown_and_the_next_start_uploads(
+    tmp_path: Path, s3: S3Server
+) -> None:
+    import os
+
+    workdir, _, _ = _workdir(tmp_path, s3, "hung-at-shutdown", backup={"interval_seconds": 3600})
+    assert s3.gateway is not None
+    with BotProcess(["run"], cwd=workdir, env=ENV) as bot:
+        bot.wait_for_line("dbkeeper is running")
+        os.kill(s3.gateway.pid, signal.SIGSTOP)  # accepts connections, never answers
+        try:
+            started = time.monotonic()
+            code = bot.stop(signal.SIGTERM)
+            stopping = time.monotonic() - started
+        finally:
+            os.kill(s3.gateway.pid, signal.SIGCONT)
+    assert code == 0 and stopping < 9, (stopping, bot.output)
+    [name] = _local_names(tmp_path)  # the shutdown backup, kept
+    assert "(shutdown): " in bot.output
+    with BotProcess(["run"], cwd=workdir, env=ENV) as bot:
+        bot.wait_for_line(f"uploaded {name} to s3://hung-at-shutdown/bot/backups")
+        assert bot.stop(signal.SIGTERM) == 0
+    assert name in _offsite_names(workdir)
