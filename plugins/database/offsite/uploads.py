@@ -16,7 +16,7 @@ start, for what a shutdown left. In order:
 5. rotate off-site with the local policy (``retention.to_rotate``, ``[backup] keep`` per
    pool): manifest first, then the object;
 6. record the outcome in ``.dbkeeper-offsite.json`` beside the backups (the health check,
-   ``/dbstats`` and ``backup list --offsite`` read it; no request to the storage for them).
+   ``/dbstats`` and ``backup list`` read it: no request to the storage for them).
 
 A failed upload never touches the local backups: it is recorded (and alerted by the plugin),
 and the next sync uploads every backup still missing off-site, the failed one included. A
@@ -40,7 +40,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -153,9 +153,6 @@ class OffsiteListing:
     def total_bytes(self) -> int:
         return sum(copy.size_bytes for copy in self.copies)
 
-    def get(self, name: str) -> OffsiteCopy | None:
-        return next((copy for copy in self.copies if copy.name == name), None)
-
 
 @dataclass(frozen=True)
 class UploadReport:
@@ -164,7 +161,6 @@ class UploadReport:
 
     uploaded: list[OffsiteCopy] = field(default_factory=list)
     rotated: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)  # local backups still not off-site
     failure: str | None = None
     deferred: str | None = None
     copies: int | None = None  # off-site after the sync (None: the listing failed)
@@ -441,7 +437,7 @@ class OffsiteCopies:
         return report
 
     @contextlib.contextmanager
-    def _locked(self, limits: Limits) -> Any:
+    def _locked(self, limits: Limits) -> Iterator[None]:
         self.backups.store.ensure()
         lock = FileLock(self.directory / LOCK_NAME)
 
@@ -491,11 +487,9 @@ class OffsiteCopies:
             except (BackupError, OSError) as error:
                 failure = failure or f"rotating the copies in {self.where} failed: {_text(error)}"
         kept = [copy for copy in copies if copy.name not in rotated]
-        done = {_stem(copy.name) for copy in kept}
         report = UploadReport(
             uploaded=uploaded,
             rotated=rotated,
-            missing=[b.name for b in pending if _stem(b.name) not in done],
             failure=failure,
             deferred=deferred,
             copies=len(kept),
