@@ -8,6 +8,10 @@ The rules follow Alertmanager's: messages on *transitions*, never one per check 
 - A check that is healthy again is *resolved*, with how long its problem lasted; when the
   overall status is healthy again the message says so with the length of the whole episode.
   Getting better without recovering (unhealthy -> degraded) sends nothing.
+- Changes come at most once a minute (``GROUP_SECONDS``, Alertmanager's grouping): what gets
+  worse or recovers within a minute of the last message waits for the next report after it,
+  so checks failing one after the other in an outage, or a flapping one, make one message.
+  The first message of a problem and the final "healthy again" are never held.
 - While a problem lasts, a reminder goes out at most every ``[health] alert_repeat_seconds``
   (4 hours by default) after the last message about it.
 - One-off events (a failed backup, a failed startup) come through :meth:`Alerter.alert`; a
@@ -52,6 +56,7 @@ ICONS = {Status.HEALTHY: "✅", Status.DEGRADED: "⚠️", Status.UNHEALTHY: "�
 MAX_QUEUED = 200  # chunks; beyond this the oldest are dropped (and logged)
 BACKOFF_MAX_SECONDS = 60.0
 PER_CHAT_INTERVAL_SECONDS = 1.0  # Telegram: about one message per second per chat
+GROUP_SECONDS = 60.0  # changes within this of the last message wait and go out together
 
 
 # -- the policy --------------------------------------------------------------------------------
@@ -80,6 +85,9 @@ class AlertPolicy:
         self._episode_since: float | None = None
         self._last_sent: float | None = None
         self._events: dict[str, float] = {}
+        # Held back by the grouping: checks that got worse, checks that recovered (how long).
+        self._held_worse: set[str] = set()
+        self._held_resolved: dict[str, float] = {}
 
     def observe(self, report: HealthReport) -> str | None:
         """The message this report calls for, if any."""
@@ -103,8 +111,22 @@ class AlertPolicy:
                 previous.status = check.status
         for gone in set(self._problems) - set(report.checks):
             del self._problems[gone]  # a check that is no longer registered
+        # What the grouping held, merged with this report's changes (the latest word counts).
+        self._held_worse |= {c.name for c in worse}
+        for check, lasted in resolved:
+            self._held_resolved[check.name] = lasted
+        self._held_worse -= {c.name for c, _ in resolved}
+        for name in self._held_worse:
+            self._held_resolved.pop(name, None)
+        worse = [c for name, c in report.checks.items() if name in self._held_worse]
+        resolved = [
+            (c, self._held_resolved[name])
+            for name, c in report.checks.items()
+            if name in self._held_resolved
+        ]
 
         if report.status is Status.HEALTHY:
+            self._held_worse, self._held_resolved = set(), {}
             if self._episode_since is None:
                 return None
             lasted, self._episode_since, self._last_sent = now - self._episode_since, None, None
@@ -116,7 +138,10 @@ class AlertPolicy:
             self._episode_since = now
         failing = [c for c in report.checks.values() if c.status is not Status.HEALTHY]
         if worse or resolved:
+            if self._last_sent is not None and now - self._last_sent < GROUP_SECONDS:
+                return None  # held: goes out with the first report a minute after the last
             self._last_sent = now
+            self._held_worse, self._held_resolved = set(), {}
             names = {c.name for c in worse}
             lines = [f"{ICONS[report.status]} {self._who()} is {report.status.value}"]
             lines += [_line(c) for c in worse]

@@ -123,6 +123,32 @@ def test_a_check_that_recovers_while_another_fails_is_resolved_alone(
     )
 
 
+def test_changes_within_a_minute_of_the_last_message_go_out_together(
+    policy: AlertPolicy, clock: Clock
+) -> None:
+    """An outage that takes the checks down one after the other, and a check that flaps: one
+    message, then one more a minute later, then the recovery at once."""
+    assert policy.observe(report(database=U, database_growth=H)) is not None
+    for growth in (U, H, U):  # within the minute: held
+        clock.now += 10
+        assert policy.observe(report(database=U, database_growth=growth)) is None
+    clock.now += 30
+    assert policy.observe(report(database=U, database_growth=U)) == (
+        "🔴 dbkeeper on box is unhealthy\n"
+        "🔴 database_growth: unhealthy — database_growth is unhealthy\n"
+        "Still failing:\n"
+        "🔴 database: unhealthy — database is unhealthy"
+    )
+    clock.now += 5
+    assert policy.observe(report(database=U, database_growth=H)) is None  # held
+    clock.now += 5  # the end of the outage is never held
+    assert policy.observe(report(database=H, database_growth=H)) == (
+        "✅ dbkeeper on box is healthy again; the problem lasted 1m 10s.\n"
+        "✅ database recovered after 1m 10s: database is healthy\n"
+        "✅ database_growth recovered after 35s: database_growth is healthy"
+    )
+
+
 def test_events_with_a_key_are_not_repeated_within_the_interval(
     policy: AlertPolicy, clock: Clock
 ) -> None:

@@ -78,7 +78,7 @@ def test_the_config_error_transcript(tmp_path: Path) -> None:
     assert code == 2 and output.strip().splitlines() == transcript[1:]
 
 
-@pytest.mark.parametrize("index", range(len([b for b in blocks() if b.kind == "config"])))
+@pytest.mark.parametrize("index", range(sum(b.kind == "config" for b in blocks())))
 def test_the_config_examples_load(tmp_path: Path, index: int, monkeypatch) -> None:
     example = [b for b in blocks() if b.kind == "config"][index]
     (tmp_path / "alembic").mkdir()

@@ -28,6 +28,8 @@ from .backup.pipeline import BackupStats
 from .care import CareSummary
 from .errors import BackupError, BackupInProgress
 from .health.checks import DatabaseStatistics
+from .offsite.checks import summary as offsite_summary
+from .offsite.uploads import OffsiteStatus, UploadReport
 
 if TYPE_CHECKING:
     from .plugin import DatabasePlugin
@@ -79,12 +81,15 @@ class AdminCommands:
                 care = await asyncio.wait_for(self.plugin.care.summary(), timeout)
             except Exception as error:  # the rest of the answer still stands
                 log.warning("/dbstats: database care figures unavailable: %s", _short(error))
+        offsite = self.plugin.operations.offsite
+        copies = await asyncio.to_thread(offsite.status) if offsite is not None else None
         text = format_dbstats(
             stats,
             backups,
             self.plugin.database.display_url,
             self.context.describe_instance(),
             care=care,
+            offsite=copies,
         )
         await self._answer(update, text)
 
@@ -105,6 +110,10 @@ class AdminCommands:
             )
             return
         await self._answer(update, format_backup(info))
+        if self.plugin.uploads is not None:
+            report = await self.plugin.uploads.wait()
+            if report is not None:
+                await self._answer(update, format_upload(report, info.name))
         if self.plugin.operations.backup_settings.send_to_chat:
             await self._upload(update, context, info)
 
@@ -178,6 +187,7 @@ def format_dbstats(
     instance: str = "",
     *,
     care: CareSummary | None = None,
+    offsite: OffsiteStatus | None = None,
 ) -> str:
     status, migrations, overview = stats.status, stats.migrations, stats.overview
     lines = [f"<b>Database</b> {escape(url)}"]
@@ -218,6 +228,13 @@ def format_dbstats(
             f"⚠️ Last backup attempt failed {_ago(backups.last_failure.at)}: "
             f"{escape(_short(backups.last_failure.error))}"
         )
+    if offsite is not None:
+        lines.append(f"<b>Off-site</b> {escape(offsite_summary(offsite))}")
+        if offsite.failing and offsite.last_failure_at is not None:
+            lines.append(
+                f"⚠️ Last upload failed {_ago(offsite.last_failure_at)}: "
+                f"{escape(_short(offsite.last_failure))}"
+            )
     if care is not None:
         lines += format_care(care)
     return "\n".join(lines)
@@ -263,6 +280,26 @@ def format_backup(info: Backup) -> str:
         f"{info.duration_seconds:.1f}s · schema v{info.schema_version} · "
         f"{len(info.tables)} tables, {info.rows:,} rows\n"
         f"Verified: integrity ok, sha256 <code>{info.sha256[:16]}</code>…"
+    )
+
+
+def format_upload(report: UploadReport, name: str) -> str:
+    """What the upload after ``/backup`` did."""
+    if report.failure is not None:
+        return (
+            f"⚠️ Not copied off-site: {escape(_short(report.failure))}\nThe backup is kept "
+            "here; the next backup uploads it."
+        )
+    if report.deferred is not None:
+        return f"⏳ Off-site copy postponed: {escape(report.deferred)}"
+    copy = report.uploaded_name(name)
+    copies = f"{report.copies} cop{'y' if report.copies == 1 else 'ies'} off-site"
+    if copy is None:
+        return f"☁️ {copies}"
+    encrypted = ", age-encrypted" if copy.encrypted else ""
+    return (
+        f"☁️ Copied off-site: <code>{escape(copy.object_key)}</code> "
+        f"({megabytes(copy.size_bytes)}{encrypted}), read back and verified · {copies}"
     )
 
 

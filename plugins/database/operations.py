@@ -8,7 +8,11 @@ it runs:
                off) -> validate
 ``migrate``    lock -> safety backup (pre-migration) -> apply -> report (``validate`` apart)
 ``downgrade``  lock -> safety backup (pre-downgrade) -> revert
-``restore``    in use elsewhere? -> verify -> pause -> safety copy -> swap -> reopen -> migrate
+``backup``     create (verified, committed, rotated) -> upload (off-site copies, when
+               ``[offsite] url`` is set; outside the backup lock; a failed upload is recorded,
+               never fails the backup)
+``restore``    in use elsewhere? -> (gone locally: fetch the off-site copy) -> verify -> pause
+               -> safety copy -> swap -> reopen -> migrate
 """
 
 from __future__ import annotations
@@ -16,13 +20,18 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import MetaData
 
-from dbkeeper.config import Settings
+from dbkeeper.config import ConfigError, Settings
+from dbkeeper.plugin import Deadline
 
 from .backup.engines.base import BackupEngine, Limits, Progress, serialized
 from .backup.engines.postgres import PostgresBackupEngine
@@ -30,13 +39,15 @@ from .backup.engines.sqlite import SqliteBackupEngine
 from .backup.manifest import Backup
 from .backup.pipeline import Backups
 from .backup.restore import RestoreReport, keep_current, prepare, swap
+from .backup.store import NAME_PATTERN
 from .errors import BackupError, DatabaseError, MigrationError, MigrationInterrupted
 from .locks import UnsafePath
 from .migrate.migrator import MigrationReport, Migrator
 from .migrate.revisions import Revision, Revisions, resolve_location
 from .migrate.validation import ValidationReport, merged_metadata
+from .offsite.uploads import OffsiteCopies, UploadReport
 from .service import DatabaseService
-from .settings import BackupSettings, DatabaseSettings, MigrationSettings
+from .settings import BackupSettings, DatabaseSettings, MigrationSettings, OffsiteSettings
 
 log = logging.getLogger("dbkeeper.database")
 Pause = Callable[[], contextlib.AbstractContextManager[None]]
@@ -72,6 +83,23 @@ def backup_engine(database: DatabaseSettings, backup: BackupSettings) -> BackupE
     return SqliteBackupEngine(file, busy_timeout_ms=database.busy_timeout_ms)
 
 
+@dataclass(frozen=True)
+class TakenBackup:
+    """A backup, and what its upload off-site did (None: off-site copies are off)."""
+
+    backup: Backup
+    upload: UploadReport | None
+
+
+def offsite_copies(settings: Settings, backups: Backups) -> OffsiteCopies | None:
+    """The off-site copies of ``[offsite]``, when its url is set."""
+    try:
+        offsite = settings.section(OffsiteSettings)
+    except ConfigError:  # settings built without the database plugin's sections
+        return None
+    return OffsiteCopies(offsite, backups) if offsite.enabled else None
+
+
 class Operations:
     """The database, its schema and its backups, for one configuration."""
 
@@ -95,6 +123,7 @@ class Operations:
         self.backups = Backups(
             self.backup_settings, backup_engine(database, self.backup_settings), self.revisions
         )
+        self.offsite = offsite_copies(settings, self.backups)
         self.last_migration: MigrationReport | None = None
         self.last_validation: ValidationReport | None = None
         self.last_safety_backup: Backup | None = None
@@ -223,6 +252,36 @@ class Operations:
                 f"not {what} without a backup: {error}. The schema was not changed."
             ) from error
 
+    # -- backups and their off-site copies ------------------------------------------------------
+
+    def backup(
+        self,
+        reason: str = "manual",
+        *,
+        wait: bool = False,
+        deadline: Deadline | None = None,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> TakenBackup:
+        """A verified backup, then its off-site copy (and those of earlier backups still
+        missing there). ``BackupError`` only for the backup itself."""
+        backup = self.backups.create(
+            reason, wait=wait, deadline=deadline, progress=progress, stop=stop
+        )
+        return TakenBackup(backup, self.upload(Limits(deadline, (stop,) if stop else ())))
+
+    def upload(self, limits: Limits | None = None) -> UploadReport | None:
+        """Copy the local backups missing off-site there, verified, and rotate the copies
+        (None: off-site copies are off). Never raises for the storage: the report says."""
+        if self.offsite is None:
+            return None
+        return self.offsite.sync(limits)
+
+    def gone_locally(self, name: str) -> bool:
+        """Whether ``name`` is a backup name with no file in the backup directory."""
+        directory = self.backups.store.directory
+        return bool(NAME_PATTERN.match(name)) and not os.path.lexists(directory / name)
+
     # -- restoring --------------------------------------------------------------------------------
 
     def restore(
@@ -231,11 +290,14 @@ class Operations:
         *,
         pause: Pause = contextlib.nullcontext,
         progress: Progress | None = None,
+        identity: Path | None = None,
     ) -> RestoreReport:
         """Replace the live database with backup ``name`` after proving it sound.
 
         Nothing touches the live database until the backup passed every check; ``pause``
         holds the bot's database work (a running bot's) from the safety copy to the reopen.
+        A backup whose file is gone comes from its off-site copy (decrypted with the age
+        keys in ``identity``), checked against its manifest before it is used at all.
         """
         started = time.monotonic()
         report = serialized(progress)
@@ -244,6 +306,10 @@ class Operations:
         busy = backups.engine.in_use_elsewhere()  # the reason that holds longest comes first
         if busy is not None:
             raise BackupError(busy)
+        if self.offsite is not None and self.gone_locally(name):
+            self.offsite.fetch(name, identity, report)
+        if self.database.file is not None:  # a new machine: the restore stages beside it
+            self.database.file.parent.mkdir(parents=True, exist_ok=True)
         with backups.exclusive("restore", wait=False, limits=limits):
             candidate = prepare(backups, name, report, limits)
             try:

@@ -1,9 +1,10 @@
 """The database plugin: registers with its context; ``Operations`` does the work.
 
 Startup: connect, migrate and validate (``Operations.open``) off the event loop, then lead or
-stand by, then schedule backups and database care (``care``). Shutdown, in order: database
-care and scheduled backups stop, the WAL is flushed, the final backup (the leader's), the
-database closes, the leader lease goes to a standby.
+stand by, then schedule backups, database care (``care``) and, with ``[offsite] url``, uploads of
+what is missing off-site. Shutdown, in order: database care, scheduled backups and background
+uploads stop, the WAL is flushed, the final backup (the leader's) and its upload within the
+budget, the database closes, the leader lease goes to a standby.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 
     from .care import Care
     from .health.checks import DatabaseHealth
+    from .offsite.background import BackgroundUploads
+    from .offsite.checks import OffsiteHealth
 
 log = logging.getLogger("dbkeeper.database")
 BACKUP_JOB = "database-backup"
@@ -45,6 +48,7 @@ BACKUP_RETRY_SECONDS = 60.0
 SHUTDOWN_RESERVE_SECONDS = 1.5
 FIRST_BACKUP_SECONDS = 10.0  # after the start of a bot that has no backup yet
 EXAMPLE_FEATURE = "dbkeeper.plugins.members"
+UPLOAD_STOP_SECONDS = 2.0  # at shutdown, for a running upload to stop at its next chunk
 
 
 class DatabasePlugin(Plugin):
@@ -62,6 +66,8 @@ class DatabasePlugin(Plugin):
         self._backup_stop = threading.Event()
         self._stepped_down = threading.Event()  # stops the scheduled backup of a leader no more
         self._deferred: asyncio.Task[None] | None = None
+        self.uploads: BackgroundUploads | None = None  # off-site copies, when configured
+        self.offsite_health: OffsiteHealth | None = None
 
     @classmethod
     def companions(cls, raw: Mapping[str, Any]) -> Sequence[str]:
@@ -126,6 +132,13 @@ class DatabasePlugin(Plugin):
             context.add_status_section("Backups", sections.backups_section)
         self.care = Care(ops.database, ops.backups, context.settings, one_shot=context.one_shot)
         self.care.register(context)
+        if ops.offsite is not None:
+            from .offsite.background import BackgroundUploads
+            from .offsite.checks import OffsiteHealth
+
+            self.offsite_health = OffsiteHealth(ops.offsite, ops.backup_settings.interval_seconds)
+            self.offsite_health.register(context)
+            self.uploads = BackgroundUploads(ops.offsite, self._alert)
         if context.one_shot:
             return
         self.leadership = Leadership(
@@ -140,6 +153,8 @@ class DatabasePlugin(Plugin):
     async def start(self) -> None:
         ops = self.operations
         try:
+            if ops.offsite is not None:  # credentials, keys: before anything is changed
+                await asyncio.to_thread(ops.offsite.check)
             await asyncio.to_thread(ops.open)
             if self.care is not None:  # [retention] names tables and columns that exist
                 await asyncio.to_thread(self.care.check_schema)
@@ -175,6 +190,9 @@ class DatabasePlugin(Plugin):
             if self.care is not None:
                 await self.care.stop()  # its PRAGMA optimize runs as the connections close
             await self._stop_backups()
+            if self.uploads is not None:
+                stop_by = min(deadline.at, time.monotonic() + UPLOAD_STOP_SECONDS)
+                await self.uploads.stop(Deadline(stop_by))
             await asyncio.to_thread(ops.flush)
             log.info("shutdown: database flushed")
             if ops.backup_settings.on_shutdown and self._takes_routine_backups():
@@ -203,6 +221,8 @@ class DatabasePlugin(Plugin):
         )
         if self.care is not None:
             self.care.after_backup()  # reclaims free space soon, at a quiet moment
+        if self.uploads is not None:  # in the background: the backup is done and listed
+            self.uploads.request()
         return backup
 
     async def restore(self, name: str, *, progress: Progress | None = None) -> RestoreReport:
@@ -210,9 +230,12 @@ class DatabasePlugin(Plugin):
         then goes on on the restored database (the same engine object)."""
         loop = asyncio.get_running_loop()
         ops = self.operations
-        return await asyncio.to_thread(
+        report = await asyncio.to_thread(
             ops.restore, name, pause=lambda: ops.database.paused(loop), progress=progress
         )
+        if self.uploads is not None and report.safety is not None:
+            self.uploads.request()  # the copy of what was replaced
+        return report
 
     # -- scheduled backups ----------------------------------------------------------------------
 
@@ -240,8 +263,14 @@ class DatabasePlugin(Plugin):
         if self.context is not None and backups.available:
             interval = self.operations.backup_settings.interval_seconds
             first = self._first_backup_in(interval)
-            if self.health is not None and not backups.list():
+            fresh = not backups.list()
+            if self.health is not None and fresh:
                 self.health.first_backup_due = time.monotonic() + first
+            if self.offsite_health is not None:  # existing backups are caught up at once
+                from .health.checks import FIRST_BACKUP_GRACE_SECONDS
+                self.offsite_health.first_upload_due = (
+                    time.monotonic() + (first if fresh else 0) + FIRST_BACKUP_GRACE_SECONDS
+                )
             self.context.add_job(
                 self._scheduled_backup, name=BACKUP_JOB, interval=interval, first=first
             )
@@ -267,6 +296,8 @@ class DatabasePlugin(Plugin):
             await asyncio.to_thread(
                 self.operations.backups.create, "scheduled", stop=self._stepped_down
             )
+            if self.uploads is not None:
+                self.uploads.request()
         except BackupInProgress as busy:
             # Not queued behind it (a job waiting on a lock would hold up shutdown): tried again
             # shortly, so that a long restore or compression does not cost a whole interval.
@@ -290,6 +321,8 @@ class DatabasePlugin(Plugin):
             log.info("deferred compression postponed: %s", busy)
         except Exception:
             log.exception("deferred compression failed")
+        if self.uploads is not None and self._takes_routine_backups():
+            self.uploads.request()  # what the last run left (its shutdown backup), compressed
 
     async def _stop_backups(self) -> None:
         """No more scheduled backups; background compression stops at its next chunk."""
@@ -317,9 +350,14 @@ class DatabasePlugin(Plugin):
             )
         except (BackupError, OSError) as error:
             await self._alert_backup_failure(str(error))
+        if self.uploads is not None:
+            await self.uploads.final(budget)
 
     async def _alert_backup_failure(self, text: str) -> None:
+        await self._alert(text, "database.backup")
+
+    async def _alert(self, text: str, key: str) -> None:
         if self.context is not None:
-            await self.context.alert(text, key="database.backup")
+            await self.context.alert(text, key=key)
         else:
             log.error("%s", text)

@@ -1,5 +1,5 @@
 """The database plugin's configuration sections: ``[database]``, ``[migrations]``, ``[backup]``,
-and those of database care: ``[queries]``, ``[maintenance]``, ``[retention]``.
+``[offsite]``, and those of database care: ``[queries]``, ``[maintenance]``, ``[retention]``.
 
 Declared like the host's (``dbkeeper.config.setting``): each key once, with its type, default
 and rule, so a wrong value stops startup with one line naming the key.
@@ -7,11 +7,24 @@ and rule, so a wrong value stops startup with one line naming the key.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import base64
+import binascii
+import os
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from dbkeeper.config import at_least, between, entries, one_of, positive, seconds, setting
+from dbkeeper.config import (
+    at_least,
+    between,
+    entries,
+    http_url_or_empty,
+    one_of,
+    positive,
+    seconds,
+    setting,
+)
 
 # dbkeeper's example schema: the revisions of the members feature, shipped in the package.
 EXAMPLE_SCRIPT_LOCATION = "dbkeeper.migrations:"
@@ -223,6 +236,196 @@ class RetentionSettings:
         example="events",
         doc="per table: rows older than keep_days (by column) are deleted daily, in small batches",
     )
+# -- [offsite] ----------------------------------------------------------------------------------
+
+OFFSITE_URL_FORMS = '"s3://bucket/prefix" or "file:///absolute/path" (empty: off)'
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class OffsiteLocation:
+    """Where ``[offsite] url`` points: an S3 bucket and key prefix, or a directory.
+
+    Everything dbkeeper keeps there sits under one name per purpose: ``url_for("backups")``
+    (the backup copies), ``url_for("replica")`` (continuous replication).
+    """
+
+    scheme: str  # "s3" | "file"
+    bucket: str = ""  # s3: the bucket
+    prefix: str = ""  # s3: the key prefix, without slashes at either end ("" for the root)
+    path: Path | None = None  # file: the directory
+
+    def key(self, *parts: str) -> str:
+        """An S3 key under the prefix: ``key("backups", name)`` -> ``prefix/backups/name``."""
+        return "/".join(part for part in (self.prefix, *parts) if part)
+
+    def directory(self, *parts: str) -> Path:
+        """A directory under the file location."""
+        assert self.path is not None
+        return self.path.joinpath(*parts)
+
+    def url_for(self, *parts: str) -> str:
+        """The URL of a place under this location, as people see it."""
+        if self.scheme == "s3":
+            return f"s3://{self.bucket}/{self.key(*parts)}".rstrip("/")
+        return f"file://{self.directory(*parts)}"
+
+
+def parse_offsite_url(value: str) -> OffsiteLocation | None:
+    """``[offsite] url`` -> its location (None when empty); ``ValueError`` says what is wrong."""
+    from urllib.parse import urlsplit
+
+    if not value:
+        return None
+    if value != value.strip():
+        raise ValueError("has spaces around it")
+    parts = urlsplit(value)
+    if parts.scheme not in ("s3", "file"):
+        raise ValueError(f"must be {OFFSITE_URL_FORMS}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"must have no ?query or #fragment: {OFFSITE_URL_FORMS}")
+    if "@" in parts.netloc:
+        raise ValueError(
+            "must not hold credentials: they come from the AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY environment variables"
+        )
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError("a file:// URL names a directory of this machine: file:///path")
+        if not parts.path.startswith("/") or parts.path == "/":
+            raise ValueError("must name an absolute directory other than /: file:///path")
+        if ".." in PurePosixPath(parts.path).parts:
+            raise ValueError("must not contain '..'")
+        return OffsiteLocation("file", path=Path(os.path.normpath(parts.path)))
+    bucket = parts.netloc
+    if ":" in bucket:
+        raise ValueError("names a bucket, not a host:port; the server goes in [offsite] endpoint")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise ValueError(
+            f"names the bucket {bucket!r}: bucket names are 3 to 63 characters, lowercase "
+            "letters, digits, dots and hyphens"
+        )
+    segments = [segment for segment in parts.path.split("/") if segment]
+    if any(segment in (".", "..") for segment in segments) or "\\" in parts.path:
+        raise ValueError("has a prefix with '.' or '..' segments or a backslash")
+    return OffsiteLocation("s3", bucket=bucket, prefix="/".join(segments))
+
+
+def offsite_url(value: str) -> str | None:
+    try:
+        parse_offsite_url(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def age_recipients(values: tuple[str, ...]) -> str | None:
+    from .offsite.age import RecipientProblem, parse_recipients
+
+    try:
+        parse_recipients(values)
+    except RecipientProblem as error:
+        return str(error)
+    return None
+
+
+def region_name(value: str) -> str | None:
+    if _REGION.match(value):
+        return None
+    return "must be a region name such as us-east-1 (lowercase letters, digits, hyphens)"
+
+
+def read_sse_customer_key(path: str) -> bytes:
+    """The 32-byte SSE-C key from ``path`` (base64 text, as Litestream reads it);
+    ``ValueError`` says what is wrong without showing any of it."""
+    try:
+        text = Path(path).read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise ValueError("no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        why = getattr(error, "strerror", None) or "not text"
+        raise ValueError(f"cannot be read ({why})") from None
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise ValueError(
+            "must hold a 256-bit key in base64 (e.g. `openssl rand -base64 32 > sse-c.key`)"
+        )
+    return key
+
+
+def sse_customer_key_file(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        read_sse_customer_key(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+@dataclass(frozen=True)
+class OffsiteSettings:
+    """``[offsite]``: copies off the machine. Credentials come only from the standard
+    ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` environment variables."""
+
+    url: str = setting(
+        "",
+        offsite_url,
+        doc=f"{OFFSITE_URL_FORMS}; backups are copied to <url>/backups/",
+        secret=True,  # a URL with credentials in it is refused, and never shown
+    )
+    endpoint: str = setting(
+        "",
+        http_url_or_empty,
+        doc='S3-compatible endpoint, e.g. "https://<account>.r2.cloudflarestorage.com"; empty: AWS',
+    )
+    region: str = setting("us-east-1", region_name, doc="S3 region (signing)")
+    encrypt_to: tuple[str, ...] = setting(
+        (),
+        age_recipients,
+        doc='age recipients ("age1..."): backups are encrypted before upload',
+        secret=True,  # public keys, but an error never echoes a secret key pasted here by mistake
+    )
+    sse_kms_key_id: str = setting(
+        "", doc="S3 server-side encryption with this KMS key (aws:kms); empty: the bucket's default"
+    )
+    sse_customer_key_path: str = setting(
+        "",
+        sse_customer_key_file,
+        doc="S3 server-side encryption with your own key (SSE-C): a file holding it in base64",
+    )
+    timeout_seconds: float = setting(
+        60, seconds(1), doc="one request to the storage gives up after this (3 attempts)"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+    @property
+    def location(self) -> OffsiteLocation | None:
+        """Where the url points (None: off-site copies are off)."""
+        return parse_offsite_url(self.url)
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if not self.url:
+            if self.encrypt_to:
+                yield "encrypt_to", "is set but [offsite] url is empty: nothing is copied off-site"
+            return
+        s3 = self.url.startswith("s3://")
+        if not s3:
+            for key in ("endpoint", "sse_kms_key_id", "sse_customer_key_path"):
+                if getattr(self, key):
+                    yield key, "applies to s3:// URLs only; [offsite] url is a file:// URL"
+        if self.sse_kms_key_id and self.sse_customer_key_path:
+            yield (
+                "sse_customer_key_path",
+                "and sse_kms_key_id are mutually exclusive: S3 encrypts an object one way",
+            )
 
 
 SECTIONS: dict[str, type] = {
@@ -232,4 +435,5 @@ SECTIONS: dict[str, type] = {
     "queries": QuerySettings,
     "maintenance": MaintenanceSettings,
     "retention": RetentionSettings,
+    "offsite": OffsiteSettings,
 }

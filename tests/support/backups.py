@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, text
 
 from dbkeeper.config import Settings
 from dbkeeper.plugins.database.backup.pipeline import Backups
-from dbkeeper.plugins.database.operations import Operations
+from dbkeeper.plugins.database.operations import Operations, offsite_copies
 
 
 class SkippingClock:
@@ -47,6 +47,7 @@ def open_plugin(settings: Settings, clock: SkippingClock | None = None) -> Opera
             clock=clock.now,
             sleep=clock.sleep,
         )
+        plugin.offsite = offsite_copies(settings, plugin.backups)
     plugin.open()
     return plugin
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -15,7 +16,9 @@ import click
 from dbkeeper.cli.context import EXIT_ERROR, CliContext, fails_plainly
 from dbkeeper.texts import size
 
+from ..offsite.checks import summary as offsite_summary
 from .db import operations
+from .offsite import echo_upload, list_offsite
 
 LABELS = {
     "snapshot": "copying the database",
@@ -25,8 +28,9 @@ LABELS = {
     "checksum": "checksumming",
     "decompress": "decompressing",
     "restore": "swapping the database",
+    "download": "downloading the off-site copy",
 }
-BYTE_PHASES = {"snapshot", "compress", "read-back", "checksum", "decompress"}
+BYTE_PHASES = {"snapshot", "compress", "read-back", "checksum", "decompress", "download"}
 
 
 def when(moment: datetime) -> str:
@@ -109,23 +113,33 @@ def backup() -> None:
 @click.pass_obj
 @fails_plainly
 def create(obj: CliContext) -> None:
-    """Take a verified backup now (reason: manual)."""
+    """Take a verified backup now (reason: manual), then copy it off-site ([offsite] url)."""
     ops = operations(obj, existing=True)
     progress = ProgressReport()
     try:
-        info = ops.backups.create("manual", progress=progress)
+        taken = ops.backup("manual", progress=progress)
     finally:
         progress.close()
+    info = taken.backup
     click.echo(f"created {describe(info)}")
     click.echo(f"verified in {info.duration_seconds:.2f}s; stored in {info.path.parent}")
+    echo_upload(taken.upload)
 
 
 @backup.command("list")
+@click.option("--offsite", is_flag=True, help="List the copies off the machine ([offsite] url).")
 @click.pass_obj
 @fails_plainly
-def list_backups(obj: CliContext) -> None:
+def list_backups(obj: CliContext, offsite: bool) -> None:
     """Complete, verified backups, newest first, and their totals."""
-    manager = operations(obj).backups
+    ops = operations(obj)
+    if offsite:
+        if ops.offsite is None:
+            click.echo("off-site copies are off: set [offsite] url", err=True)
+            raise SystemExit(EXIT_ERROR)
+        list_offsite(ops.offsite)
+        return
+    manager = ops.backups
     listing = manager.scan()
     backups = listing.backups
     stats = manager.stats()
@@ -160,6 +174,11 @@ def list_backups(obj: CliContext) -> None:
     if stats.last_failure is not None:
         failure = stats.last_failure
         click.echo(f"last failure: {when(failure.at)} ({failure.reason}): {failure.error}")
+    if ops.offsite is not None:
+        click.echo(
+            f"off-site: {offsite_summary(ops.offsite.status())} in {ops.offsite.where} "
+            "(`dbkeeper backup list --offsite` lists them)"
+        )
 
 
 @backup.command()
@@ -191,14 +210,30 @@ def verify(obj: CliContext, name: str | None) -> None:
 @backup.command()
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--identity",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="age key file (age-keygen) to decrypt an encrypted off-site copy.",
+)
 @click.pass_obj
 @fails_plainly
-def restore(obj: CliContext, name: str, yes: bool) -> None:
-    """Replace the database with backup NAME (a safety backup of it is taken first)."""
+def restore(obj: CliContext, name: str, yes: bool, identity: Path | None) -> None:
+    """Replace the database with backup NAME (a safety backup of it is taken first).
+
+    When NAME's file is gone from the backup directory, its off-site copy is used.
+    """
     ops = operations(obj)
-    info = ops.backups.get(name)  # a bad or unknown name fails before the question
+    where = ""
+    info: Any
+    if ops.offsite is not None and ops.gone_locally(name):
+        copy = ops.offsite.find(name)  # an unknown name fails before the question
+        info = copy.backup
+        encrypted = ", encrypted" if copy.encrypted else ""
+        where = f" (its off-site copy in {ops.offsite.where}{encrypted})"
+    else:
+        info = ops.backups.get(name)  # a bad or unknown name fails before the question
     if not yes:
-        what = describe(info) if info else f"{name} (no manifest)"
+        what = (describe(info) if info else f"{name} (no manifest)") + where
         click.confirm(
             f"Replace the database {ops.database.display_url} with {what}? A safety backup "
             "of the current database is taken first",
@@ -206,7 +241,7 @@ def restore(obj: CliContext, name: str, yes: bool) -> None:
         )
     progress = ProgressReport()
     try:
-        report = ops.restore(name, progress=progress)
+        report = ops.restore(name, progress=progress, identity=identity)
     finally:
         progress.close()
         ops.close()

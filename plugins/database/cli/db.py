@@ -19,6 +19,7 @@ import click
 from dbkeeper.cli.context import CliContext, fails_plainly
 
 from ..operations import Operations
+from .offsite import echo_upload
 
 if TYPE_CHECKING:
     from ..care import Care
@@ -131,6 +132,8 @@ def migrate(obj: CliContext, target: str) -> None:
     if report.done_elsewhere:
         ids = ", ".join(revision.id for revision in report.done_elsewhere)
         click.echo(f"applied by another instance while this one waited: {ids}")
+    if ops.last_safety_backup is not None:
+        echo_upload(ops.upload())  # the pre-migration backup, off-site too
 
 
 @db.command()
@@ -191,6 +194,7 @@ def downgrade(obj: CliContext, revision: str, yes: bool) -> None:
     if ops.last_safety_backup is not None:
         name = ops.last_safety_backup.name
         click.echo(f"backup taken before: {name} (`dbkeeper backup restore {name}` undoes this)")
+        echo_upload(ops.upload())
 
 
 @db.command()
