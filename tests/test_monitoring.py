@@ -108,20 +108,25 @@ def test_the_dashboard_is_importable_and_asks_for_its_data_source() -> None:
 
 
 async def test_every_metric_the_rules_and_the_dashboard_read_is_exported(
-    sqlite_url: str, make_settings: SettingsFactory
+    sqlite_url: str, make_settings: SettingsFactory, tmp_path: Path
 ) -> None:
+    """With the features the rules watch switched on (off-site copies)."""
     wanted = {
         name
         for expr in [rule["expr"] for rule in _rules()] + _dashboard_expressions()
         for name in METRIC_NAME.findall(expr)
     }
     assert len(wanted) > 20  # the pattern reads the expressions
+    offsite = tmp_path / "other-disk"
+    offsite.mkdir()
     settings = make_settings(
         sqlite_url,
         health={"http_port": free_port(), "http_cache_seconds": 0.01, "interval_seconds": 1},
+        offsite={"url": f"file://{offsite}"},
     )
     async with running_host(settings) as (host, plugin):
         await plugin.backup_now()
+        assert plugin.uploads is not None and (await plugin.uploads.wait()) is not None
         _seed_growth(sqlite_url)
         await host.monitor.check()
         status, _, text = await get(host, "/metrics")
