@@ -73,6 +73,9 @@ class AdminCommands:
         text = format_dbstats(
             stats, backups, self.plugin.database.display_url, self.context.describe_instance()
         )
+        replication = self.plugin.replication
+        if replication is not None and replication.applies:  # its lines (offsite/replication)
+            text += f"\n<b>Replication</b> {escape(await replication.summary())}"
         await self._answer(update, text)
 
     async def backup(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:

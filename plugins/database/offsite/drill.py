@@ -51,7 +51,10 @@ class DrillResult:
                 f"restore drill ok at {self.at:%Y-%m-%d %H:%M} UTC: {self.tables} tables, "
                 f"{self.rows:,} rows, restored in {self.seconds:.1f}s"
             )
-        return f"restore drill FAILED at {self.at:%Y-%m-%d %H:%M} UTC: {self.problem}"
+        return (
+            f"restore drill FAILED at {self.at:%Y-%m-%d %H:%M} UTC, a restore from the replica "
+            f"would fail or lose data now: {(self.problem or '').rstrip('.')}"
+        )
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -233,25 +233,43 @@ class Replicator:
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         self._tail.clear()
-        # Forked from the event loop's thread, which lives as long as dbkeeper does: the
-        # death signal follows the thread (children.py).
-        process = await asyncio.create_subprocess_exec(
-            self.litestream.path,
-            "replicate",
-            "-no-expand-env",
-            "-config",
-            str(self.config),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=child_environment(self.target),
-            process_group=0,
-            preexec_fn=dies_with(os.getpid(), signal.SIGTERM),
+        # Its log comes through a pipe whose read end Litestream holds as well (pass_fds):
+        # when dbkeeper dies, the pipe keeps a reader, so Litestream's next log line does not
+        # kill it with SIGPIPE (Go exits on a broken stderr) before its final sync.
+        read_end, write_end = os.pipe()
+        try:
+            # Forked from the event loop's thread, which lives as long as dbkeeper does: the
+            # death signal (SIGTERM: a final sync, then exit) follows that thread.
+            process = await asyncio.create_subprocess_exec(
+                self.litestream.path,
+                "replicate",
+                "-no-expand-env",
+                "-config",
+                str(self.config),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=write_end,
+                pass_fds=(read_end,),
+                env=child_environment(self.target),
+                process_group=0,
+                preexec_fn=dies_with(os.getpid(), signal.SIGTERM),
+            )
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        stream = asyncio.StreamReader()
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stream), os.fdopen(read_end, "rb", 0)
         )
         self._process = process
         self._started_at = time.monotonic()
         self._exited = None
-        self._reader = asyncio.create_task(self._read(process), name="dbkeeper-litestream-log")
+        self._reader = asyncio.create_task(
+            self._read(stream, transport), name="dbkeeper-litestream-log"
+        )
         log.info(
             "replication: Litestream %s (pid %d) streams %s to %s every %gs",
             self.litestream.version,
@@ -273,10 +291,14 @@ class Replicator:
         if process.returncode is None:
             log.warning("replication: Litestream's control socket %s does not answer", self.socket)
 
-    async def _read(self, process: Process) -> None:
+    async def _read(self, stream: asyncio.StreamReader, transport: asyncio.BaseTransport) -> None:
         """Litestream's log lines: kept (its last words) and logged (errors as errors)."""
-        stream = process.stderr
-        assert stream is not None
+        try:
+            await self._read_lines(stream)
+        finally:
+            transport.close()
+
+    async def _read_lines(self, stream: asyncio.StreamReader) -> None:
         while True:
             try:
                 raw = await stream.readline()
@@ -625,6 +647,17 @@ class Replication:
             message += f" | {state.restarts} restart{'s' if state.restarts > 1 else ''}"
         return healthy(message, values=values)
 
+    async def summary(self) -> str:
+        """One line for ``/dbstats``: the check's verdict, and the last drill."""
+        assert self.database is not None
+        outcome = await self.check()
+        icon = {Status.HEALTHY: "✅", Status.DEGRADED: "⚠️", Status.UNHEALTHY: "🔴"}
+        text = f"{icon[outcome.status]} {outcome.message}"
+        drill = await asyncio.to_thread(last_drill, self.database)
+        if drill is not None and drill.ok:  # a failed one is in the message already
+            text += f" | {drill.describe()}"
+        return text
+
     # -- the restore drill --------------------------------------------------------------------
 
     async def scheduled_drill(self) -> None:
@@ -634,7 +667,9 @@ class Replication:
         await self.drill()
 
     async def drill(self) -> DrillResult | None:
-        """Restore the replica into a scratch file and prove it (``drill.run_drill``)."""
+        """Restore the replica into a scratch file and prove it (``drill.run_drill``). A
+        failure degrades the ``replication`` check: alerted as a health transition, and
+        resolved when a drill passes again."""
         replica, replicator, database = self.replica, self.replicator, self.database
         if replica is None or replicator is None or database is None:
             return None
@@ -652,11 +687,6 @@ class Replication:
         except Interrupted:
             log.info("restore drill stopped: shutting down")
             return None
-        if not result.ok:
-            await self._alert(
-                f"{result.describe()}. A restore from the replica would fail or lose data "
-                "now; `dbkeeper replication status` shows the replica."
-            )
         return result
 
 
