@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import sqlite3
 import stat
@@ -332,3 +333,45 @@ async def test_the_drill_passes_on_a_sound_replica_and_alerts_on_a_damaged_one(
         assert not list(runtime_dir(plugin.database.file).glob("drill-*"))  # scratch removed
     alerts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ALERT")]
     assert [a for a in alerts if "replication: degraded" in a and "restore drill FAILED" in a]
+
+
+# -- what operators see ----------------------------------------------------------------------------
+
+
+def test_dbstats_health_and_replication_status_show_the_running_replication(
+    tmp_path: Path,
+) -> None:
+    from tests.support.process import BotProcess, run_cli, write_config
+    from tests.support.telegram_api import DEFAULT_TOKEN, TelegramAPIStandIn
+
+    admin = 4201
+    with TelegramAPIStandIn() as api:
+        write_config(
+            tmp_path / "config.toml",
+            {
+                "telegram": {
+                    "token": DEFAULT_TOKEN,
+                    "api_base_url": api.base_url,
+                    "admin_ids": [admin],
+                },
+                "database": {"url": f"sqlite:///{tmp_path / 'data' / 'bot.db'}"},
+                "backup": {"dir": str(tmp_path / "backups")},
+                "health": {"http_port": free_port()},
+                "offsite": {"url": f"file://{tmp_path / 'offsite'}"},
+                "replication": {"enabled": True},
+            },
+        )
+        with BotProcess(["run"], cwd=tmp_path) as bot:
+            bot.wait_for_line("dbkeeper is running")
+            bot.wait_for_line("snapshot complete")  # Litestream's first upload
+            api.push_command("/dbstats", user_id=admin)
+            answer = api.wait_for_message("Replication", chat_id=admin)["text"]
+            code, health = run_cli(["health"], cwd=tmp_path)
+            code_status, status = run_cli(["replication", "status"], cwd=tmp_path)
+            assert bot.stop() == 0
+    assert "<b>Replication</b> ✅ lag " in answer and "| last sync 20" in answer, answer
+    # ``dbkeeper health`` (another process) asks the running Litestream through its socket.
+    assert re.search(r"\n  replication +healthy +lag \d+\.\d s \| last sync 20", health), health
+    assert code_status == 0, status
+    assert re.search(r"litestream: running \(pid \d+\): lag \d+\.\d s, last sync 20", status)
+    assert "restorable: from 20" in status and "(1 snapshots)" in status

@@ -92,6 +92,7 @@ DRILL_JOB = "database-replication-drill"
 FIRST_DRILL_SECONDS = 300.0  # a database never drilled: this long after the start
 TAIL_LINES = 40
 ALERT_KEY = "database.replication"
+INFO_EVENTS = ('msg="snapshot complete"', 'msg="detected database behind replica"')
 _LEVEL = re.compile(r"\blevel=(\w+)")
 _MESSAGE = re.compile(r'\bmsg=("(?:[^"\\]|\\.)*"|\S+)')
 
@@ -122,12 +123,16 @@ def state_from(
 
 
 def _level(line: str) -> int:
+    """Litestream's errors and warnings as ours; of its routine lines, only those an operator
+    would miss at INFO (a full snapshot, a database found behind the replica)."""
     found = _LEVEL.search(line)
     name = found.group(1).upper() if found else ""
     if name.startswith("ERR"):
         return logging.ERROR
     if name.startswith("WARN"):
         return logging.WARNING
+    if any(event in line for event in INFO_EVENTS):
+        return logging.INFO
     return logging.DEBUG
 
 
@@ -310,7 +315,7 @@ class Replicator:
             self._tail.append(line)
             level = _level(line)
             message = _MESSAGE.search(line)
-            shown = line if level > logging.DEBUG or message is None else message.group(1)
+            shown = line if level > logging.INFO or message is None else message.group(1)
             log.log(level, "litestream: %s", shown)
 
     def last_words(self) -> str:
