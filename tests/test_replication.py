@@ -223,9 +223,7 @@ async def test_flush_while_replicating_never_stalls_the_writers(
 def full_snapshots(window: Window, database_bytes: int) -> list[LtxFile]:
     """Files that hold the whole database: snapshots (level 9) and forced full syncs (level 0)."""
     return [
-        f
-        for f in window.files
-        if f.level == 9 or (f.level == 0 and f.size >= database_bytes // 2)
+        f for f in window.files if f.level == 9 or (f.level == 0 and f.size >= database_bytes // 2)
     ]
 
 
@@ -259,7 +257,7 @@ async def test_killed_litestream_is_restarted_and_alerted_once(
     replicated: Settings, tmp_path: Path, caplog
 ) -> None:
     async with running_host(replicated) as (host, plugin):
-        for kill in range(2):  # two crashes in a row: one episode, one alert
+        for _kill in range(2):  # two crashes in a row: one episode, one alert
             pid = child_pid(plugin)
             os.kill(pid, signal.SIGKILL)
             await until(
@@ -366,7 +364,7 @@ def test_dbstats_health_and_replication_status_show_the_running_replication(
             bot.wait_for_line("snapshot complete")  # Litestream's first upload
             api.push_command("/dbstats", user_id=admin)
             answer = api.wait_for_message("Replication", chat_id=admin)["text"]
-            code, health = run_cli(["health"], cwd=tmp_path)
+            _code, health = run_cli(["health"], cwd=tmp_path)
             code_status, status = run_cli(["replication", "status"], cwd=tmp_path)
             assert bot.stop() == 0
     assert "<b>Replication</b> ✅ lag " in answer and "| last sync 20" in answer, answer

@@ -11,7 +11,6 @@ import asyncio
 import os
 import re
 import shutil
-import signal
 import sqlite3
 import time
 import urllib.request
@@ -150,7 +149,9 @@ def test_a_lost_machine_comes_back_with_restore_latest(
     code, output = run_cli(["backup", "restore", "--latest", "--yes"], cwd=new)
     seconds = time.monotonic() - started
     assert code == 0, output
-    assert "restored the state replicated at " in output and "the newest the replica holds" in output
+    assert (
+        "restored the state replicated at " in output and "the newest the replica holds" in output
+    )
     assert ids(new / "data" / "bot.db") == list(range(1, 151))
     assert SECRET not in output
     print(f"restore --latest took {seconds:.2f}s (whole command)")
