@@ -181,6 +181,42 @@ async def test_replication_on_postgresql_is_said_once_and_ignored(
     assert "[replication] enabled applies to SQLite only" in caplog.text
 
 
+async def test_only_the_leader_replicates_and_a_standby_takes_over(
+    tmp_path: Path, sqlite_url: str, make_settings: SettingsFactory
+) -> None:
+    one, two = (
+        make_settings(
+            sqlite_url,
+            offsite={"url": f"file://{tmp_path / 'offsite'}"},
+            replication={"enabled": True, "sync_interval_seconds": 0.2},
+            health={"http_port": free_port()},
+            instance={"name": name, "leader_poll_seconds": 0.2},
+        )
+        for name in ("one", "two")
+    )
+    first, first_plugin = build_host(one)
+    await first.start()
+    second, second_plugin = build_host(two)
+    try:
+        await second.start()
+        assert first_plugin.replication and second_plugin.replication
+        assert first_plugin.replication.replicator and second_plugin.replication.replicator
+        assert first_plugin.replication.replicator.running
+        assert not second_plugin.replication.replicator.running  # one Litestream per database
+        check = (await second.monitor.check()).checks["replication"]
+        assert check.status.value == "healthy" and check.message == "standing by: one replicates"
+        await first.stop(Deadline.after(5))
+        await first.application.bot.shutdown()
+        await until(
+            lambda: second_plugin.replication.replicator.running, "the new leader replicates", 10
+        )
+        add_users(second_plugin.operations, 30)
+        await caught_up(two, second_plugin, tmp_path)
+    finally:
+        await second.stop(Deadline.after(5))
+        await second.application.bot.shutdown()
+
+
 # -- checkpoints, snapshots ------------------------------------------------------------------------
 
 
