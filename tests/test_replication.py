@@ -331,6 +331,19 @@ async def test_a_restore_in_the_running_bot_goes_on_replicating_the_restored_dat
     assert ids == [*range(1, 11), *range(500, 505)]
 
 
+def test_the_readme_example_configures_replication() -> None:
+    import tomllib
+
+    from dbkeeper.config import settings_from_mapping
+    from dbkeeper.plugins.database.settings import OffsiteSettings, ReplicationSettings
+    from tests.support.readme import block
+
+    example = tomllib.loads(block("illustration", "replication-config").text)
+    settings = settings_from_mapping(example, environ={})
+    assert settings.section(ReplicationSettings).enabled
+    assert settings.section(OffsiteSettings).url == "s3://my-bucket/bot"
+
+
 def test_times_outside_the_window_are_refused_before_anything_runs(
     replicated: Settings, tmp_path: Path
 ) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -173,20 +174,46 @@ class Replica:
         self, output: Path, at: datetime | None = None, limits: Limits | None = None
     ) -> Position:
         """Write the replica's state at ``at`` (None: the newest) to ``output`` (which must
-        not exist); returns the position restored. Nothing else is touched."""
+        not exist); returns the position restored. Nothing else is touched.
+
+        A time is checked against the listing first; for the newest state the listing (which
+        only names the moment restored) runs beside the restore instead."""
         started = time.monotonic()
-        window = self.window(limits)
+        args = ["restore", "-o", str(output), "-integrity-check", "none", "-json"]
+        with ThreadPoolExecutor(1, thread_name_prefix="dbkeeper-replica") as pool:
+            listing = pool.submit(self.window, limits)
+            if at is not None:
+                window = listing.result()
+                self._refuse_empty(window)
+                self.check_time(at, window)
+                if window.newest is not None and at < window.newest:
+                    args += ["-timestamp", at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")]
+            try:
+                txid = self._restore(args, output, limits)
+            except ReplicationError:
+                self._refuse_empty(listing.result())  # the clearer reason, when it is that
+                raise
+            window = listing.result()
+        if window.replicated_at(txid) is None:  # uploaded while it was listed
+            window = self.window(limits)
+        position = Position(txid, window.replicated_at(txid), at, window.newest)
+        log.info(
+            "litestream restored %s from %s in %.2fs",
+            position.describe(),
+            self.target,
+            time.monotonic() - started,
+        )
+        return position
+
+    def _refuse_empty(self, window: Window) -> None:
         if not window.files:
             raise ReplicationError(
                 f"the replica at {self.target} holds nothing yet (replication has not uploaded "
                 f"this database there): there is nothing to restore. {UNCHANGED}"
             )
-        args = ["restore", "-o", str(output), "-integrity-check", "none", "-json"]
-        newest = window.newest
-        if at is not None:
-            self.check_time(at, window)
-            if newest is not None and at < newest:
-                args += ["-timestamp", at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")]
+
+    def _restore(self, args: list[str], output: Path, limits: Limits | None) -> int:
+        """``litestream restore ARGS``; the TXID restored. Nothing is left behind on failure."""
         try:
             result = self._run(args, limits)
             if result.returncode != 0:
@@ -195,7 +222,7 @@ class Replica:
                     f"{explain(result.problem())}. {UNCHANGED}"
                 )
             try:
-                txid = int(str(json.loads(result.stdout)["txid"]), 16)
+                return int(str(json.loads(result.stdout)["txid"]), 16)
             except (ValueError, KeyError, TypeError):
                 raise ReplicationError(
                     f"litestream restore answered in a form dbkeeper does not read: "
@@ -206,14 +233,6 @@ class Replica:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
             raise
-        position = Position(txid, window.replicated_at(txid), at, newest)
-        log.info(
-            "litestream restored %s from %s in %.2fs",
-            position.describe(),
-            self.target,
-            time.monotonic() - started,
-        )
-        return position
 
 
 def replica_for(settings: Settings, database: Path | None, dialect: str) -> Replica:

@@ -41,21 +41,15 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import Metric
-from prometheus_client.registry import Collector
-
 from dbkeeper.config import Settings
-from dbkeeper.health import HealthReport, Outcome, Status, degraded, healthy, unhealthy
 from dbkeeper.logs import redact
-from dbkeeper.metrics import gauge
 from dbkeeper.plugin import Deadline, PluginContext
-from dbkeeper.texts import duration
 
 from ..backup.engines.base import BackupEngine, Interrupted, Limits
 from ..children import dies_with
@@ -79,8 +73,10 @@ from .litestream import (
 )
 from .replica import Replica, when
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the command line imports this module: PTB and metrics only when running
     from asyncio.subprocess import Process
+
+    from dbkeeper.health import Outcome
 
 log = logging.getLogger("dbkeeper.replication")
 BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -120,6 +116,12 @@ def state_from(
     if last is not None:
         return last, max(0.0, (datetime.now(UTC) - last).total_seconds())
     return None, (time.monotonic() - started) if started is not None else None
+
+
+def _duration(seconds: float) -> str:
+    from dbkeeper.texts import duration  # PTB's constants: only when there is one to say
+
+    return duration(seconds)
 
 
 def _level(line: str) -> int:
@@ -340,7 +342,7 @@ class Replicator:
                 if ran >= STABLE_SECONDS:
                     failures, self._alerted = 0, False
                 how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
-                self._exited = f"exited ({how}) after {duration(ran)}: {self.last_words()}"
+                self._exited = f"exited ({how}) after {_duration(ran)}: {self.last_words()}"
                 self._process = None
             delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
             failures += 1
@@ -494,6 +496,8 @@ class Replication:
         self.one_shot = context.one_shot
         context.add_secret(*(os.environ.get(name) for name in CREDENTIAL_VARIABLES))
         context.add_check("replication", self.check, failing_as="cannot read the replication state")
+        from .metrics import ReplicationMetrics
+
         context.add_metrics(ReplicationMetrics(lambda: context.last_health_report))
 
     # -- startup and shutdown -------------------------------------------------------------------
@@ -556,8 +560,8 @@ class Replication:
         context.add_job(self.scheduled_drill, name=DRILL_JOB, interval=interval, first=first)
         log.info(
             "replication: restore drill every %s; the next in %s",
-            duration(interval),
-            duration(first),
+            _duration(interval),
+            _duration(first),
         )
 
     def _first_drill_in(self, interval: float) -> float:
@@ -613,6 +617,8 @@ class Replication:
     async def check(self) -> Outcome:
         """ "lag 0.8 s | last sync 2026-12-01 10:00:01 UTC"; unhealthy past max_lag_seconds or
         while Litestream is not running; degraded when the last restore drill failed."""
+        from dbkeeper.health import degraded, healthy, unhealthy
+
         assert self.database is not None
         if not self.one_shot and not self._leading:
             leader = self.context.leadership.leader if self.context else None
@@ -641,7 +647,7 @@ class Replication:
         message = f"lag {lag:.1f} s | last sync {last}"
         if lag > limit:
             return unhealthy(
-                f"{message}: the replica is {duration(lag)} behind (more than [replication] "
+                f"{message}: the replica is {_duration(lag)} behind (more than [replication] "
                 f"max_lag_seconds = {limit:g}); is the storage reachable with these "
                 "credentials?",
                 values=values,
@@ -654,6 +660,8 @@ class Replication:
 
     async def summary(self) -> str:
         """One line for ``/dbstats``: the check's verdict, and the last drill."""
+        from dbkeeper.health import Status
+
         assert self.database is not None
         outcome = await self.check()
         icon = {Status.HEALTHY: "✅", Status.DEGRADED: "⚠️", Status.UNHEALTHY: "🔴"}
@@ -693,44 +701,6 @@ class Replication:
             log.info("restore drill stopped: shutting down")
             return None
         return result
-
-
-# -- metrics --------------------------------------------------------------------------------------
-
-FROM_CHECK = {
-    "lag_seconds": (
-        "replication_lag_seconds",
-        "Seconds since Litestream last confirmed the replica caught up.",
-    ),
-    "last_sync_timestamp_seconds": (
-        "replication_last_sync_timestamp_seconds",
-        "When the replica was last caught up (unix time).",
-    ),
-    "up": ("replication_up", "1 while Litestream runs and answers, else 0."),
-    "drill_last_success_timestamp_seconds": (
-        "replication_drill_last_success_timestamp_seconds",
-        "When the last successful restore drill ran (unix time).",
-    ),
-}
-
-
-class ReplicationMetrics(Collector):
-    """``dbkeeper_replication_*`` from the last health report (no work of its own)."""
-
-    def __init__(self, last_report: Callable[[], HealthReport | None]) -> None:
-        self.last_report = last_report
-
-    def describe(self) -> Iterable[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        report = self.last_report()
-        check = report.checks.get("replication") if report is not None else None
-        if check is None or (check.status is Status.HEALTHY and "standing by" in check.message):
-            return
-        for value, (name, documentation) in FROM_CHECK.items():
-            if value in check.values:
-                yield gauge(name, documentation, check.values[value])
 
 
 __all__ = [
