@@ -263,7 +263,7 @@ def restore_time(s3: S3Server, size_mb: int, repeat: int) -> dict[str, Any]:
     print(f"generated {database.stat().st_size / 1e6:.0f} MB in {time.monotonic() - started:.0f}s")
     raw = sections(source, s3, bucket, replication=True)
     bot = start_bot(source, raw)  # its first snapshot uploads the whole database
-    assert bot.stop() == 0
+    assert bot.stop(timeout=600) == 0  # after its first scheduled backup, if one started
     size = database.stat().st_size
     os.environ.update(CREDENTIALS)
     settings = settings_from_mapping(raw, environ={})

@@ -14,6 +14,7 @@ import re
 import signal
 import sqlite3
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -380,6 +381,33 @@ async def test_the_drill_passes_on_a_sound_replica_and_alerts_on_a_damaged_one(
         assert not list(runtime_dir(plugin.database.file).glob("drill-*"))  # scratch removed
     alerts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ALERT")]
     assert [a for a in alerts if "replication: degraded" in a and "restore drill FAILED" in a]
+
+
+def test_scratch_files_of_dead_processes_are_removed_and_no_others(tmp_path: Path) -> None:
+    from dbkeeper.plugins.database.offsite.litestream import remove_leftovers
+
+    database = tmp_path / "bot.db"
+    directory = runtime_dir(database)
+    directory.mkdir()
+    dead = _dead_pid()
+    names = [
+        f"drill-{dead}-ab12.db",
+        f"drill-{dead}-ab12.db.tmp",
+        f"command-{dead}-cd34.yml",
+        f"drill-{os.getpid()}-ef56.db",  # a drill running now
+        "litestream.yml",
+        "drill.json",
+    ]
+    for name in names:
+        (directory / name).write_text("x")
+    remove_leftovers(database)
+    assert sorted(p.name for p in directory.iterdir()) == sorted(names[3:])
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 # -- what operators see ----------------------------------------------------------------------------

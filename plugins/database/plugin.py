@@ -174,7 +174,8 @@ class DatabasePlugin(Plugin):
 
     async def stop(self, deadline: Deadline) -> None:
         """Shutdown, in order: scheduled backups stop, the WAL is flushed, the final backup
-        (the leader's), the database closes, and the leader lease goes to a standby."""
+        (the leader's), the database closes, Litestream's final sync, and the leader lease
+        goes to a standby."""
         ops = self.operations
         try:
             await self._stop_backups()
@@ -186,10 +187,12 @@ class DatabasePlugin(Plugin):
                 log.info("shutdown: no final backup here (%s leads and takes it)", self._leader())
         finally:
             ops.backups.engine.release()
-            await asyncio.to_thread(ops.close)
-            log.info("shutdown: database closed")
-            if self.replication is not None:  # last: its final sync sees every commit
-                await self.replication.stop(deadline)
+            try:
+                await asyncio.to_thread(ops.close)
+                log.info("shutdown: database closed")
+            finally:
+                if self.replication is not None:  # last: its final sync sees every commit
+                    await self.replication.stop(deadline)
             if self.leadership is not None:
                 await self.leadership.stop(timeout=deadline.remaining())
 

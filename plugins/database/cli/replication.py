@@ -18,6 +18,8 @@ from ..offsite.replica import replica_for, when
 from ..offsite.replication import read_socket
 from ..settings import DatabaseSettings, ReplicationSettings
 
+STATUS_TIMEOUT_SECONDS = 30.0  # a status that waits longer is no status
+
 
 @click.group()
 def replication() -> None:
@@ -47,7 +49,7 @@ def status(obj: CliContext) -> None:
     else:
         click.echo("litestream: off ([replication] enabled = false)")
     try:
-        window = replica.window()
+        window = replica.window(timeout=STATUS_TIMEOUT_SECONDS)
     except ReplicationError as error:
         click.echo(f"dbkeeper: error: {error}", err=True)
         raise SystemExit(EXIT_ERROR) from None

@@ -343,6 +343,34 @@ def forget_position(database: Path) -> None:
         log.info("replication: the database was replaced; Litestream takes a new snapshot")
 
 
+def remove_leftovers(database: Path) -> list[Path]:
+    """Scratch files of dbkeeper processes that died (a drill's restore, a command's
+    configuration) in the replication directory; a live process's are left alone."""
+    directory = runtime_dir(database.resolve())
+    removed = []
+    for path in directory.glob("*-*-*"):
+        kind, _, rest = path.name.partition("-")
+        pid = rest.partition("-")[0]
+        if kind not in ("drill", "command") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path)
+    if removed:
+        log.info("replication: removed %d leftover scratch file(s)", len(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def temporary_config(
     database: Path, target: Target, settings: ReplicationSettings
@@ -491,6 +519,7 @@ __all__ = [
     "meta_dir",
     "parse_time",
     "protect_credentials",
+    "remove_leftovers",
     "render_config",
     "runtime_dir",
     "socket_path",

@@ -127,18 +127,20 @@ class Replica:
         self.settings = settings
         protect_credentials()
 
-    def _run(self, args: list[str], limits: Limits | None) -> Completed:
+    def _run(
+        self, args: list[str], limits: Limits | None, timeout: float | None = None
+    ) -> Completed:
         with temporary_config(self.database, self.target, self.settings) as config:
             return self.litestream.run(
                 [*args, "-no-expand-env", "-config", str(config), str(self.database.resolve())],
-                timeout=self.settings.restore_timeout_seconds,
+                timeout=timeout or self.settings.restore_timeout_seconds,
                 environment=child_environment(self.target),
                 limits=limits,
             )
 
-    def window(self, limits: Limits | None = None) -> Window:
+    def window(self, limits: Limits | None = None, timeout: float | None = None) -> Window:
         """The replica's files, every level (one listing per level: not for every second)."""
-        result = self._run(["ltx", "-level", "all", "-json"], limits)
+        result = self._run(["ltx", "-level", "all", "-json"], limits, timeout)
         if result.returncode != 0:
             raise ReplicationError(
                 f"cannot list the replica at {self.target}: {explain(result.problem())}"

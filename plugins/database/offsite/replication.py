@@ -66,6 +66,7 @@ from .litestream import (
     ensure_private_dir,
     parse_time,
     protect_credentials,
+    remove_leftovers,
     render_config,
     runtime_dir,
     socket_path,
@@ -225,6 +226,7 @@ class Replicator:
         """Start Litestream and watch it; returns once its control socket answers."""
         if self._wanted:
             return
+        await asyncio.to_thread(remove_leftovers, self.database)
         self._wanted = True
         self._wake = asyncio.Event()
         self._alerted = False
