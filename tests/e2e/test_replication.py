@@ -8,6 +8,7 @@ directory), a point-in-time restore between two batches, the storage going away 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shutil
@@ -257,3 +258,65 @@ def test_the_storage_going_away_alerts_the_lag_then_resolves_and_loses_nothing(
     behind = [a for a in alerts if "replication: unhealthy" in a and "behind" in a]
     assert behind, alerts
     assert any("replication recovered after" in a for a in alerts), alerts
+
+
+def test_a_drill_while_the_storage_is_away_fails(
+    s3: S3Server, tmp_path: Path, credentials: None
+) -> None:
+    s3.create_bucket("drill-outage")
+    raw = sections(tmp_path, s3, "drill-outage", replication={"restore_timeout_seconds": 2})
+    settings = settings_from_mapping(raw, environ={})
+
+    async def scenario() -> tuple[Any, Any]:
+        async with running_host(settings) as (host, plugin):
+            add_users(plugin.operations, 10)
+            await asyncio.to_thread(
+                wait_until, lambda: replica_ids(raw, tmp_path) is not None, "first upload"
+            )
+            s3.stop_gateway()
+            try:
+                add_users(plugin.operations, 5, start=100)  # not uploaded yet
+                result = await plugin.replication.drill()
+                check = (await host.monitor.check()).checks["replication"]
+            finally:
+                s3.start_gateway()
+            return result, check
+
+    result, check = asyncio.run(scenario())
+    assert result is not None and not result.ok
+    assert "could not upload the newest changes within 2s" in result.problem
+    assert "is the storage reachable?" in result.problem
+    assert check.status is Status.DEGRADED and "restore drill FAILED" in check.message
+
+
+def test_a_shutdown_neither_waits_for_a_drill_nor_hides_a_failed_final_sync(
+    s3: S3Server, tmp_path: Path, credentials: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    s3.create_bucket("drill-shutdown")
+    raw = sections(tmp_path, s3, "drill-shutdown", replication={"restore_timeout_seconds": 60})
+    settings = settings_from_mapping(raw, environ={})
+
+    async def scenario() -> float:
+        host_stopped = 0.0
+        async with running_host(settings) as (_, plugin):
+            add_users(plugin.operations, 10)
+            await asyncio.to_thread(
+                wait_until, lambda: replica_ids(raw, tmp_path) is not None, "first upload"
+            )
+            s3.stop_gateway()
+            add_users(plugin.operations, 5, start=100)  # left for the final sync
+            await plugin.replication.scheduled_drill()  # waits up to 60 s for the storage
+            await asyncio.sleep(0.5)
+            host_stopped = time.monotonic()
+        return time.monotonic() - host_stopped
+
+    try:
+        seconds = asyncio.run(scenario())
+    finally:
+        s3.start_gateway()
+    assert seconds < settings.shutdown.timeout_seconds, seconds
+    assert "restore drill stopped: shutting down" in caplog.text
+    assert not (tmp_path / "data" / ".bot.db-replication" / "drill.json").exists()
+    alerts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ALERT")]
+    assert [a for a in alerts if "Litestream's final sync failed" in a], alerts

@@ -151,8 +151,14 @@ class S3Server:
 
 
 def environment() -> dict[str, str]:
-    """The child's environment: no proxies, no AWS metadata service, nothing off the machine."""
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    """The child's environment: no proxies, no AWS metadata service, nothing off the machine.
+    No AWS credentials either: with them SeaweedFS would start checking signatures (a gateway
+    restarted while a test sets them would refuse anonymous bucket creation)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if "proxy" not in k.lower() and not k.startswith(("AWS_ACCESS_KEY", "AWS_SECRET"))
+    }
     env["AWS_EC2_METADATA_DISABLED"] = "true"
     return env
 

@@ -135,7 +135,7 @@ def run_drill(
     *,
     busy_timeout: float,
     limits: Limits,
-    sync: Callable[[], None] | None = None,
+    sync: Callable[[Limits], None] | None = None,
 ) -> DrillResult:
     """Restore the replica into a scratch file, check it, compare it; record the result."""
     started = time.monotonic()
@@ -145,7 +145,7 @@ def run_drill(
     try:
         before = live_counts(database, busy_timeout)
         if sync is not None:
-            sync()  # everything counted so far is on the replica
+            sync(limits)  # everything counted so far is on the replica
         position = replica.restore_into(scratch, None, limits)
         facts = engine.check(scratch, no_progress, limits)
         after = live_counts(database, busy_timeout)

@@ -423,7 +423,7 @@ class Replicator:
         last, lag = state_from(answer, self.database, started=self._started_at)
         return ReplicationState(True, self.pid, last, lag, self.restarts)
 
-    def sync(self, timeout: float) -> None:
+    def sync(self, timeout: float, limits: Limits | None = None) -> None:
         """Upload everything committed so far, waiting for it (blocking; for the drill)."""
         result = self.litestream.run(
             [
@@ -437,9 +437,13 @@ class Replicator:
             ],
             timeout=timeout + 5,
             environment=child_environment(self.target),
+            limits=limits,
         )
         if result.returncode != 0:
-            raise ReplicationError(f"litestream sync failed: {result.problem()}")
+            raise ReplicationError(
+                f"Litestream could not upload the newest changes within {timeout:.0f}s "
+                f"({result.problem()}): is the storage reachable?"
+            )
 
 
 def read_socket(database: Path) -> ReplicationState:
@@ -484,6 +488,7 @@ class Replication:
         self.one_shot = False
         self._leading = False
         self._drill_stop = threading.Event()  # set at shutdown: a drill gives up
+        self._drill_task: asyncio.Task[DrillResult | None] | None = None
 
     @property
     def applies(self) -> bool:
@@ -575,10 +580,13 @@ class Replication:
         return min(interval, max(1.0, interval - age))
 
     async def stop(self, deadline: Deadline) -> None:
-        """Last at shutdown, after the database closed: Litestream's final sync."""
+        """Last at shutdown, after the database closed: a running drill gives up, then
+        Litestream's final sync."""
         self._drill_stop.set()
         if self.context is not None:
             self.context.remove_jobs(DRILL_JOB)
+        if self._drill_task is not None:
+            await asyncio.wait({self._drill_task}, timeout=max(0.1, deadline.remaining() / 2))
         if self.replicator is None or not self.replicator.active:
             return
         timeout = max(0.1, deadline.remaining() - SHUTDOWN_RESERVE_SECONDS)
@@ -676,10 +684,18 @@ class Replication:
     # -- the restore drill --------------------------------------------------------------------
 
     async def scheduled_drill(self) -> None:
+        """The job: starts the drill beside the job queue, which a shutdown waits for (a
+        drill of a large replica takes a while; ``stop`` interrupts it instead)."""
         if not self._leading:
             log.debug("restore drill left to the leader")
             return
-        await self.drill()
+        if self._drill_task is not None and not self._drill_task.done():
+            return
+        self._drill_task = asyncio.create_task(self.drill(), name="dbkeeper-restore-drill")
+
+    def _sync_for_drill(self, replicator: Replicator) -> Callable[[Limits], None]:
+        timeout = min(60.0, self.settings.restore_timeout_seconds)
+        return lambda limits: replicator.sync(timeout, limits)
 
     async def drill(self) -> DrillResult | None:
         """Restore the replica into a scratch file and prove it (``drill.run_drill``). A
@@ -697,7 +713,7 @@ class Replication:
                 database,
                 busy_timeout=self.busy_timeout,
                 limits=Limits(events=(self._drill_stop,)),
-                sync=(lambda: replicator.sync(60)) if replicator.running else None,
+                sync=self._sync_for_drill(replicator) if replicator.running else None,
             )
         except Interrupted:
             log.info("restore drill stopped: shutting down")
