@@ -53,6 +53,7 @@ from dbkeeper.plugin import Deadline, PluginContext
 
 from ..backup.engines.base import BackupEngine, Interrupted, Limits
 from ..children import dies_with
+from ..errors import DatabaseError
 from ..settings import OffsiteSettings, ReplicationSettings
 from .drill import DrillResult, last_drill, run_drill
 from .litestream import (
@@ -226,19 +227,19 @@ class Replicator:
         """Start Litestream and watch it; returns once its control socket answers."""
         if self._wanted:
             return
-        await asyncio.to_thread(remove_leftovers, self.database)
         self._wanted = True
         self._wake = asyncio.Event()
         self._alerted = False
         try:
-            await asyncio.to_thread(self.write_config)
+            await asyncio.to_thread(remove_leftovers, self.database)
             await self._spawn()
-        except OSError as error:
-            self._exited = f"could not start: {error}"
-            log.error("replication: cannot start %s: %s", self.litestream.path, error)
+        except (OSError, DatabaseError) as error:  # the supervisor tries again
+            self._exited = f"could not be started: {error}"
+            log.error("replication: cannot start Litestream: %s", error)
         self._supervisor = asyncio.create_task(self._supervise(), name="dbkeeper-litestream")
 
     async def _spawn(self) -> None:
+        await asyncio.to_thread(self.write_config)
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         self._tail.clear()
@@ -366,7 +367,7 @@ class Replicator:
             try:
                 await self._spawn()
                 log.info("replication: Litestream restarted (restart %d)", self.restarts)
-            except OSError as error:
+            except (OSError, DatabaseError) as error:
                 self._exited = f"could not be started again: {error}"
 
     async def stop(self, timeout: float) -> str | None:
@@ -625,8 +626,9 @@ class Replication:
         return await asyncio.to_thread(read_socket, database)
 
     async def check(self) -> Outcome:
-        """ "lag 0.8 s | last sync 2026-12-01 10:00:01 UTC"; unhealthy past max_lag_seconds or
-        while Litestream is not running; degraded when the last restore drill failed."""
+        """The ``replication`` check: ``lag 0.8 s | last sync 2026-12-01 10:00:01 UTC``;
+        unhealthy past max_lag_seconds or while Litestream is not running; degraded when the
+        last restore drill failed."""
         from dbkeeper.health import degraded, healthy, unhealthy
 
         assert self.database is not None
