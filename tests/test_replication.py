@@ -345,6 +345,52 @@ def test_the_readme_example_configures_replication() -> None:
     assert settings.section(OffsiteSettings).url == "s3://my-bucket/bot"
 
 
+def test_the_generated_configuration(tmp_path: Path, make_settings: SettingsFactory) -> None:
+    """Literal values from one template: Go durations, the S3 replica under <url>/replica,
+    server-side encryption passed through, nothing from the environment."""
+    import yaml
+
+    from dbkeeper.plugins.database.offsite.litestream import Target, render_config
+    from dbkeeper.plugins.database.settings import OffsiteSettings, ReplicationSettings
+
+    key = tmp_path / "sse-c.key"
+    key.write_text("a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2U=\n")
+    settings = make_settings(
+        "sqlite:///x.db",
+        offsite={
+            "url": "s3://bucket/some/prefix/",
+            "endpoint": "http://127.0.0.1:9",
+            "sse_customer_key_path": str(key),
+        },
+        replication={"enabled": True, "sync_interval_seconds": 0.5, "retention_hours": 12},
+    )
+    target = Target.of(settings.section(OffsiteSettings))
+    text = render_config(
+        tmp_path / "a$HOME" / "bot.db",
+        target,
+        settings.section(ReplicationSettings),
+        socket=tmp_path / "control.sock",
+        shutdown_sync_seconds=3,
+    )
+    config = yaml.safe_load(text)
+    assert config["snapshot"] == {"interval": "12h", "retention": "12h"}
+    assert config["shutdown-sync-timeout"] == "3s"
+    [database] = config["dbs"]
+    assert database["path"] == str(tmp_path / "a$HOME" / "bot.db")  # -no-expand-env keeps $
+    assert database["replica"] == {
+        "type": "s3",
+        "bucket": "bucket",
+        "path": "some/prefix/replica",
+        "region": "us-east-1",
+        "endpoint": "http://127.0.0.1:9",
+        "force-path-style": True,
+        "sse-customer-algorithm": "AES256",
+        "sse-customer-key-path": str(key),
+        "sync-interval": "500ms",
+    }
+    assert "a2V5" not in text  # the key stays in its file
+
+
 def test_times_outside_the_window_are_refused_before_anything_runs(
     replicated: Settings, tmp_path: Path
 ) -> None:

@@ -162,7 +162,9 @@ class BackupSettings:
     )
 
 
-# -- off the machine: [offsite] (helper O's section; a minimal compatible one until merged) ----
+# -- off the machine: [offsite] -------------------------------------------------------------------
+# A minimal [offsite] for replication; the off-site copies of backups define the full one (same
+# keys: url, endpoint, region, encrypt_to, sse_kms_key_id, sse_customer_key_path).
 
 
 def offsite_url(value: str) -> str | None:
@@ -192,6 +194,19 @@ class OffsiteSettings:
     endpoint: str = setting("", endpoint_url, doc="S3-compatible endpoint; empty: AWS S3")
     region: str = setting("us-east-1", doc="S3 region")
     encrypt_to: tuple[str, ...] = setting((), doc="age recipients: backups are encrypted")
+    sse_kms_key_id: str = setting("", doc="S3 server-side encryption with this KMS key")
+    sse_customer_key_path: str = setting(
+        "", doc="S3 server-side encryption (SSE-C): a file holding the base64 key"
+    )
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.sse_kms_key_id and self.sse_customer_key_path:
+            yield (
+                "sse_customer_key_path",
+                "and sse_kms_key_id are mutually exclusive: S3 encrypts an object one way",
+            )
+        if self.sse_customer_key_path and not Path(self.sse_customer_key_path).is_file():
+            yield "sse_customer_key_path", "is not a file"
 
 
 # -- [replication]: continuous SQLite replication with Litestream ----------------------------
@@ -218,20 +233,6 @@ class ReplicationSettings:
     restore_timeout_seconds: float = setting(
         600, seconds(1), doc="a restore (or listing) from the replica gives up after this long"
     )
-    sse_kms_key_id: str = setting("", doc="S3 server-side encryption with this KMS key")
-    sse_customer_key_path: str = setting(
-        "", doc="S3 server-side encryption (SSE-C): a file holding the base64 key"
-    )
-
-    def problems(self) -> Iterator[tuple[str, str]]:
-        if self.sse_kms_key_id and self.sse_customer_key_path:
-            yield (
-                "sse_customer_key_path",
-                "cannot be set together with sse_kms_key_id: choose one kind of server-side "
-                "encryption",
-            )
-        if self.sse_customer_key_path and not Path(self.sse_customer_key_path).is_file():
-            yield "sse_customer_key_path", "is not a file"
 
 
 SECTIONS: dict[str, type] = {

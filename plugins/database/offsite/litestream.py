@@ -197,6 +197,8 @@ class Target:
     path: str  # the key prefix (s3) or the absolute directory (file)
     endpoint: str
     region: str
+    sse_kms_key_id: str = ""  # S3 server-side encryption ([offsite]): Litestream has no other
+    sse_customer_key_path: str = ""
 
     @classmethod
     def of(cls, offsite: OffsiteSettings) -> Target:
@@ -210,7 +212,15 @@ class Target:
             return cls("file", "", f"{directory}/{REPLICA_FOLDER}", "", offsite.region)
         bucket, _, prefix = offsite.url[len("s3://") :].partition("/")
         key = "/".join(part for part in (prefix.strip("/"), REPLICA_FOLDER) if part)
-        return cls("s3", bucket, key, offsite.endpoint, offsite.region)
+        return cls(
+            "s3",
+            bucket,
+            key,
+            offsite.endpoint,
+            offsite.region,
+            offsite.sse_kms_key_id,
+            offsite.sse_customer_key_path,
+        )
 
     def __str__(self) -> str:
         if self.kind == "file":
@@ -271,10 +281,10 @@ def render_config(
         ]
         if target.endpoint:
             lines += [f"      endpoint: {_quoted(target.endpoint)}", "      force-path-style: true"]
-        if settings.sse_kms_key_id:
-            lines.append(f"      sse-kms-key-id: {_quoted(settings.sse_kms_key_id)}")
-        if settings.sse_customer_key_path:
-            path = Path(settings.sse_customer_key_path).resolve()
+        if target.sse_kms_key_id:
+            lines.append(f"      sse-kms-key-id: {_quoted(target.sse_kms_key_id)}")
+        if target.sse_customer_key_path:
+            path = Path(target.sse_customer_key_path).resolve()
             lines += [
                 "      sse-customer-algorithm: AES256",
                 f"      sse-customer-key-path: {_quoted(path)}",
