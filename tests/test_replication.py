@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -135,7 +136,7 @@ async def test_litestream_runs_with_a_private_configuration_and_no_credentials_i
         assert stat.S_IMODE(config.stat().st_mode) == 0o600
         assert stat.S_IMODE(config.parent.stat().st_mode) == 0o700
         assert SECRET not in config.read_text()
-        assert os.getpgid(pid) == pid  # a process group of its own
+        assert os.getpgid(pid) != os.getpgid(0)  # a process group of its own
         add_users(plugin.operations, 5)
         await caught_up(replicated, plugin, tmp_path)
         report = await host.monitor.check()
@@ -216,6 +217,62 @@ async def test_only_the_leader_replicates_and_a_standby_takes_over(
     finally:
         await second.stop(Deadline.after(5))
         await second.application.bot.shutdown()
+
+
+SIGNAL_COUNTER = """
+import os, signal, sys, time
+out = sys.argv[1]
+def count(signum, frame):
+    with open(out, "a") as handle:
+        handle.write("TERM\\n")
+signal.signal(signal.SIGTERM, count)
+open(out, "w").close()
+time.sleep(1.5)
+"""
+
+SPAWNING_PARENT = """
+import os, signal, subprocess, sys, threading, time
+from dbkeeper.plugins.database.children import dies_with
+from dbkeeper.plugins.database.offsite.replication import guarded
+counter, out, mode = sys.argv[1:4]
+argv = [sys.executable, "-c", counter, out]
+def spawn():
+    if mode == "guarded":
+        subprocess.Popen(guarded(*argv), process_group=0, preexec_fn=dies_with(os.getpid()),
+                         stdout=subprocess.DEVNULL)
+    else:  # the first version: Litestream a direct child with a parent-death SIGTERM
+        subprocess.Popen(argv, process_group=0, preexec_fn=dies_with(os.getpid(), signal.SIGTERM))
+    while not os.path.exists(out):
+        time.sleep(0.01)
+for _ in range(10):
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+worker = threading.Thread(target=spawn)  # the thread that forks ends first ...
+worker.start()
+worker.join()
+time.sleep(0.2)
+os.kill(os.getpid(), signal.SIGKILL)  # ... then the whole process is killed
+"""
+
+
+def test_litestream_gets_one_sigterm_however_its_parents_threads_die(tmp_path: Path) -> None:
+    """The kernel sends the parent-death signal each time a child is handed from a dying thread
+    to another; Litestream takes a second SIGTERM as "stop now" and skips its final sync. Under
+    its one-thread guardian it gets exactly one, wherever dbkeeper forked it."""
+    counts = {}
+    for mode in ("guarded", "direct"):
+        out = tmp_path / f"{mode}.count"
+        subprocess.run(
+            [sys.executable, "-c", SPAWNING_PARENT, SIGNAL_COUNTER, str(out), mode],
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            check=False,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not out.read_text():
+            time.sleep(0.05)
+        time.sleep(0.5)  # any further signal arrives within this
+        counts[mode] = out.read_text().count("TERM")
+    assert counts["guarded"] == 1
+    assert counts["direct"] >= 2  # what the guardian is there for
 
 
 # -- checkpoints, snapshots ------------------------------------------------------------------------

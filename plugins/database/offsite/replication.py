@@ -14,8 +14,9 @@ The database plugin calls these, in this order:
 
 While it runs Litestream is watched: an unexpected exit is logged with its last words, alerted
 once, and restarted with backoff (1 s, 2 s, 5 s ... 60 s; the episode ends after a minute of
-running). It dies with dbkeeper: its own process group, and SIGTERM from the kernel when
-dbkeeper dies (``children.dies_with``), so even a killed bot gets its last commits uploaded.
+running). It dies with dbkeeper: its own process group, and exactly one SIGTERM from the kernel
+when dbkeeper dies (through a one-thread parent, ``guardian.py``; a second signal would make
+Litestream skip its final sync), so even a killed bot gets its last commits uploaded.
 
 Checkpoints: Litestream holds a read transaction and checkpoints the WAL itself. A TRUNCATE
 checkpoint of dbkeeper's (``Operations.flush``) would wait for that reader while blocking every
@@ -38,6 +39,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -89,6 +91,7 @@ SHUTDOWN_RESERVE_SECONDS = 0.5  # of the shutdown budget, left for alerts after 
 DRILL_JOB = "database-replication-drill"
 FIRST_DRILL_SECONDS = 300.0  # a database never drilled: this long after the start
 TAIL_LINES = 40
+GUARDIAN = Path(__file__).with_name("guardian.py")
 ALERT_KEY = "database.replication"
 INFO_EVENTS = ('msg="snapshot complete"', 'msg="detected database behind replica"')
 _LEVEL = re.compile(r"\blevel=(\w+)")
@@ -118,6 +121,12 @@ def state_from(
     if last is not None:
         return last, max(0.0, (datetime.now(UTC) - last).total_seconds())
     return None, (time.monotonic() - started) if started is not None else None
+
+
+def guarded(*argv: str) -> list[str]:
+    """The command line that runs ``argv`` under the guardian (``guardian.py``); start it with
+    ``preexec_fn=dies_with(os.getpid())`` from a thread that lives as long as it should."""
+    return [sys.executable, "-I", "-S", str(GUARDIAN), *argv]
 
 
 def _duration(seconds: float) -> str:
@@ -163,7 +172,8 @@ class Replicator:
         self.config = self.directory / "litestream.yml"
         self.socket = socket_path(self.database)
         self.restarts = 0
-        self._process: Process | None = None
+        self._process: Process | None = None  # the guardian (guardian.py), Litestream's parent
+        self._litestream_pid: int | None = None
         self._reader: asyncio.Task[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -221,7 +231,8 @@ class Replicator:
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self.running and self._process else None
+        """Litestream's (its guardian is the child dbkeeper watches)."""
+        return self._litestream_pid if self.running else None
 
     async def start(self) -> None:
         """Start Litestream and watch it; returns once its control socket answers."""
@@ -248,27 +259,30 @@ class Replicator:
         # kill it with SIGPIPE (Go exits on a broken stderr) before its final sync.
         read_end, write_end = os.pipe()
         try:
-            # Forked from the event loop's thread, which lives as long as dbkeeper does: the
-            # death signal (SIGTERM: a final sync, then exit) follows that thread.
+            # Through the guardian (guardian.py): Litestream gets one SIGTERM when dbkeeper
+            # dies, however many threads dbkeeper has; the guardian dies with dbkeeper.
             process = await asyncio.create_subprocess_exec(
-                self.litestream.path,
-                "replicate",
-                "-no-expand-env",
-                "-config",
-                str(self.config),
+                *guarded(
+                    self.litestream.path, "replicate", "-no-expand-env", "-config", str(self.config)
+                ),
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
                 stderr=write_end,
                 pass_fds=(read_end,),
                 env=child_environment(self.target),
                 process_group=0,
-                preexec_fn=dies_with(os.getpid(), signal.SIGTERM),
+                preexec_fn=dies_with(os.getpid()),
             )
         except BaseException:
             os.close(read_end)
             raise
         finally:
             os.close(write_end)
+        assert process.stdout is not None
+        try:
+            self._litestream_pid = int(await asyncio.wait_for(process.stdout.readline(), 10))
+        except (ValueError, TimeoutError):
+            self._litestream_pid = None
         stream = asyncio.StreamReader()
         loop = asyncio.get_running_loop()
         transport, _ = await loop.connect_read_pipe(
@@ -281,9 +295,9 @@ class Replicator:
             self._read(stream, transport), name="dbkeeper-litestream-log"
         )
         log.info(
-            "replication: Litestream %s (pid %d) streams %s to %s every %gs",
+            "replication: Litestream %s (pid %s) streams %s to %s every %gs",
             self.litestream.version,
-            process.pid,
+            self._litestream_pid,
             self.database.name,
             self.target,
             self.settings.sync_interval_seconds,
