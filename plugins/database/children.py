@@ -7,7 +7,10 @@ replacing a database or replicating one nobody watches. On a failure the whole g
 killed and reaped (:func:`kill_group`).
 
 ``PR_SET_PDEATHSIG`` follows the *thread* that forked: start long-lived children from a thread
-that lives as long as they should (the event loop's), never from a short-lived worker.
+that lives as long as they should (the event loop's), never from a short-lived worker. And it
+comes again each time the child is handed from a dying thread to another one of the dying
+process: harmless for SIGKILL, but a child that must get one graceful signal needs a one-thread
+parent in between (``offsite/guardian.py``, for Litestream).
 """
 
 from __future__ import annotations
