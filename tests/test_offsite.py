@@ -548,7 +548,7 @@ def test_wrong_credentials_are_refused_by_the_server_and_never_shown(
     for name, value in CREDENTIALS.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    with running_s3(tmp_path / "seaweedfs") as server:
+    with running_s3(tmp_path / "seaweedfs", credentials=CREDENTIALS) as server:
         client = s3_client(server)
         client.create_bucket(Bucket="checked")
         deadline = time.monotonic() + 60

@@ -91,6 +91,9 @@ class AdminCommands:
             care=care,
             offsite=copies,
         )
+        replication = self.plugin.replication
+        if replication is not None and replication.applies:  # its lines (offsite/replication)
+            text += f"\n<b>Replication</b> {escape(await replication.summary())}"
         await self._answer(update, text)
 
     async def backup(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:

@@ -13,6 +13,7 @@ it runs:
                never fails the backup)
 ``restore``    in use elsewhere? -> (gone locally: fetch the off-site copy) -> verify -> pause
                -> safety copy -> swap -> reopen -> migrate
+``restore_replica``  the replica's state (newest, or at a time) into a staging file -> ``restore``
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import MetaData
 
@@ -38,19 +40,39 @@ from .backup.engines.postgres import PostgresBackupEngine
 from .backup.engines.sqlite import SqliteBackupEngine
 from .backup.manifest import Backup
 from .backup.pipeline import Backups
-from .backup.restore import RestoreReport, keep_current, prepare, swap
+from .backup.restore import (
+    RestoreCandidate,
+    RestoreReport,
+    keep_current,
+    prepare,
+    prepare_raw,
+    swap,
+)
 from .backup.store import NAME_PATTERN
 from .errors import BackupError, DatabaseError, MigrationError, MigrationInterrupted
 from .locks import UnsafePath
 from .migrate.migrator import MigrationReport, Migrator
 from .migrate.revisions import Revision, Revisions, resolve_location
 from .migrate.validation import ValidationReport, merged_metadata
+from .offsite.litestream import forget_position
 from .offsite.uploads import OffsiteCopies, UploadReport
 from .service import DatabaseService
-from .settings import BackupSettings, DatabaseSettings, MigrationSettings, OffsiteSettings
+from .settings import (
+    BackupSettings,
+    DatabaseSettings,
+    MigrationSettings,
+    OffsiteSettings,
+    ReplicationSettings,
+)
+
+if TYPE_CHECKING:
+    from .offsite.replica import Position
 
 log = logging.getLogger("dbkeeper.database")
 Pause = Callable[[], contextlib.AbstractContextManager[None]]
+# Where a restore's candidate comes from when it is not a backup in the store: the raw database
+# proven sound (``restore.prepare_raw``), from the progress callback and the limits.
+Source = Callable[[Progress, Limits], RestoreCandidate]
 
 
 def load_metadata(reference: str) -> MetaData:
@@ -124,6 +146,10 @@ class Operations:
             self.backup_settings, backup_engine(database, self.backup_settings), self.revisions
         )
         self.offsite = offsite_copies(settings, self.backups)
+        # With replication on, Litestream owns the WAL's checkpoints (offsite/replication.py):
+        # ``flush`` leaves it alone, in the bot and in every command of this configuration.
+        replication = settings.section(ReplicationSettings)
+        self.wal_owner = "Litestream" if replication.enabled and self.database.file else None
         self.last_migration: MigrationReport | None = None
         self.last_validation: ValidationReport | None = None
         self.last_safety_backup: Backup | None = None
@@ -153,6 +179,11 @@ class Operations:
     def flush(self) -> None:
         """Move the SQLite write-ahead log into the database file (nothing to do elsewhere)."""
         if not (self.database.connected and self.database.dialect == "sqlite"):
+            return
+        if self.wal_owner is not None:
+            # A TRUNCATE checkpoint would wait for Litestream's read lock while stalling
+            # every writer, then fail anyway.
+            log.debug("the write-ahead log is left to %s", self.wal_owner)
             return
         # On the driver connection: inside SQLAlchemy's BEGIN the checkpoint could not finish.
         connection = self.database.engine.raw_connection()
@@ -291,6 +322,7 @@ class Operations:
         pause: Pause = contextlib.nullcontext,
         progress: Progress | None = None,
         identity: Path | None = None,
+        source: Source | None = None,
     ) -> RestoreReport:
         """Replace the live database with backup ``name`` after proving it sound.
 
@@ -298,6 +330,7 @@ class Operations:
         holds the bot's database work (a running bot's) from the safety copy to the reopen.
         A backup whose file is gone comes from its off-site copy (decrypted with the age
         keys in ``identity``), checked against its manifest before it is used at all.
+        ``source``: the candidate comes from elsewhere (``name`` only labels it).
         """
         started = time.monotonic()
         report = serialized(progress)
@@ -306,12 +339,15 @@ class Operations:
         busy = backups.engine.in_use_elsewhere()  # the reason that holds longest comes first
         if busy is not None:
             raise BackupError(busy)
-        if self.offsite is not None and self.gone_locally(name):
+        if source is None and self.offsite is not None and self.gone_locally(name):
             self.offsite.fetch(name, identity, report)
         if self.database.file is not None:  # a new machine: the restore stages beside it
             self.database.file.parent.mkdir(parents=True, exist_ok=True)
         with backups.exclusive("restore", wait=False, limits=limits):
-            candidate = prepare(backups, name, report, limits)
+            if source is not None:
+                candidate = source(report, limits)
+            else:
+                candidate = prepare(backups, name, report, limits)
             try:
                 with backups.engine.exclusive(), pause():
                     safety, damaged = keep_current(backups, candidate, report, limits)
@@ -324,6 +360,8 @@ class Operations:
                             self.database.connect()
                         raise
                     report("restore", 1, 1)
+                    if self.database.file is not None:  # its position is of the old file
+                        forget_position(self.database.file)
                     reopened = self._reopen_after_restore(name, safety)
             finally:
                 candidate.discard()
@@ -337,6 +375,37 @@ class Operations:
             elapsed,
         )
         return RestoreReport(name, version, safety, reopened, round(elapsed, 3), set_aside)
+
+    # -- restoring from the replica (offsite/replica.py) ---------------------------------------
+
+    def restore_replica(
+        self,
+        at: datetime | None = None,
+        *,
+        pause: Pause = contextlib.nullcontext,
+        progress: Progress | None = None,
+    ) -> tuple[RestoreReport, Position]:
+        """Replace the live database with the replica's newest state (``at`` None: a new
+        machine after the old one died) or its state at ``at``, through ``restore``: the
+        time is checked against the replica before anything runs, Litestream restores into a
+        staging file beside the database, which is proven sound like a backup."""
+        from .offsite.replica import replica_for, when
+
+        replica = replica_for(self.settings, self.database.file, self.database.dialect)
+        label = "the replica" + (f" at {when(at)}" if at is not None else "")
+        restored: list[Position] = []
+
+        def fetch(progress: Progress, limits: Limits) -> RestoreCandidate:
+            staging = self.backups.engine.staging()
+            assert staging is not None
+            staging.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            progress("replica", 0, None)
+            restored.append(replica.restore_into(staging, at, limits))
+            progress("replica", 1, 1)
+            return prepare_raw(self.backups, label, staging, progress, limits)
+
+        report = self.restore(label, pause=pause, progress=progress, source=fetch)
+        return report, restored[0]
 
     def _reopen_after_restore(self, name: str, safety: Backup | None) -> MigrationReport | None:
         """Connect, and bring the restored schema forward to head (no pre-migration copy: the

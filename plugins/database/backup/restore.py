@@ -1,6 +1,7 @@
 """The parts of a restore. The workflow itself, in order, is ``Operations.restore``:
 
-verify (``prepare``: the backup proven sound into a staging copy, the live database untouched)
+verify (``prepare``: the backup proven sound into a staging copy, the live database untouched;
+``prepare_raw``: the same for a database file obtained elsewhere, a restore from the replica)
 -> pause the bot's database work -> safety copy (``keep_current``) -> swap (``swap``) ->
 reopen -> migrate forward.
 
@@ -78,6 +79,27 @@ def prepare(backups: Backups, name: str, progress: Progress, limits: Limits) -> 
     if record is None:
         log.warning("%s has no manifest: restoring on its own checks alone", name)
     return RestoreCandidate(name, path, raw, facts, record, staging)
+
+
+def prepare_raw(
+    backups: Backups, label: str, raw: Path, progress: Progress, limits: Limits
+) -> RestoreCandidate:
+    """Prove a raw database file obtained elsewhere (a restore from the replica) sound and fit
+    for this database, like a backup's content; it becomes the staging copy (removed unless
+    swapped in). ``raw`` must lie where ``engine.staging()`` puts copies (beside the live
+    database)."""
+    try:
+        facts = backups.engine.check(raw, progress, limits)
+        backups.inspector.admissible(label, facts)
+    except InvalidBackup as error:
+        remove(raw)
+        text = str(error)
+        text = text[len(label) :].strip() if text.startswith(label) else text
+        raise InvalidBackup(f"cannot restore {label}: it {text}. {UNCHANGED}") from None
+    except BaseException:
+        remove(raw)
+        raise
+    return RestoreCandidate(label, raw, raw, facts, None, raw)
 
 
 def keep_current(

@@ -7,7 +7,7 @@ compressed, read back), one plain line per finished phase otherwise (logs, pipes
 from __future__ import annotations
 
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ LABELS = {
     "decompress": "decompressing",
     "restore": "swapping the database",
     "download": "downloading the off-site copy",
+    "replica": "restoring from the replica",
 }
 BYTE_PHASES = {"snapshot", "compress", "read-back", "checksum", "decompress", "download"}
 
@@ -208,7 +209,9 @@ def verify(obj: CliContext, name: str | None) -> None:
 
 
 @backup.command()
-@click.argument("name")
+@click.argument("name", required=False)
+@click.option("--latest", is_flag=True, help="The replica's newest state ([replication]).")
+@click.option("--at", "at", metavar="TIME", help="The replica's state at TIME (UTC, ISO 8601).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option(
     "--identity",
@@ -217,11 +220,26 @@ def verify(obj: CliContext, name: str | None) -> None:
 )
 @click.pass_obj
 @fails_plainly
-def restore(obj: CliContext, name: str, yes: bool, identity: Path | None) -> None:
-    """Replace the database with backup NAME (a safety backup of it is taken first).
+def restore(
+    obj: CliContext,
+    name: str | None,
+    latest: bool,
+    at: str | None,
+    yes: bool,
+    identity: Path | None,
+) -> None:
+    """Replace the database with backup NAME, or with the replica's state (--latest, --at
+    2026-12-01T10:00:00Z); a safety backup of the current database is taken first.
 
     When NAME's file is gone from the backup directory, its off-site copy is used.
     """
+    if sum((name is not None, latest, at is not None)) != 1:
+        raise click.UsageError("give a backup NAME, or --latest, or --at TIME (one of them)")
+    if name is None:
+        if identity is not None:
+            raise click.UsageError("--identity decrypts an off-site copy of a backup NAME")
+        restore_replica(obj, parse_moment(at) if at is not None else None, yes)
+        return
     ops = operations(obj)
     where = ""
     info: Any
@@ -246,6 +264,50 @@ def restore(obj: CliContext, name: str, yes: bool, identity: Path | None) -> Non
         progress.close()
         ops.close()
     click.echo(f"restored {report.name} (schema v{report.schema_version})")
+    migration = report.reopened
+    if migration is not None and migration.steps:
+        click.echo(f"migrated it v{migration.from_version} -> v{migration.to_version}")
+    if report.safety is not None:
+        click.echo(
+            f"the previous database is saved as {report.safety.name}; "
+            f"`dbkeeper backup restore {report.safety.name}` puts it back"
+        )
+
+
+def parse_moment(text: str) -> datetime:
+    """``2026-12-01T10:00:00Z`` (or another UTC offset) as an aware datetime."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not an ISO 8601 time; give it in UTC, e.g. 2026-12-01T10:00:00Z",
+            param_hint="--at",
+        ) from None
+    if moment.tzinfo is None:
+        raise click.BadParameter(
+            f"{text!r} names no time zone; give it in UTC, e.g. {text.strip()}Z",
+            param_hint="--at",
+        )
+    return moment.astimezone(UTC)
+
+
+def restore_replica(obj: CliContext, at: datetime | None, yes: bool) -> None:
+    """``backup restore --latest`` / ``--at TIME``: through ``Operations.restore_replica``."""
+    ops = operations(obj)
+    if not yes:
+        what = f"its state at {when(at)}" if at is not None else "its newest state"
+        click.confirm(
+            f"Replace the database {ops.database.display_url} with the replica's {what}? A "
+            "safety backup of the current database (if there is one) is taken first",
+            abort=True,
+        )
+    progress = ProgressReport()
+    try:
+        report, position = ops.restore_replica(at, progress=progress)
+    finally:
+        progress.close()
+        ops.close()
+    click.echo(f"restored {position.describe()} (schema v{report.schema_version})")
     migration = report.reopened
     if migration is not None and migration.steps:
         click.echo(f"migrated it v{migration.from_version} -> v{migration.to_version}")

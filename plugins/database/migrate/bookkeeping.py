@@ -3,7 +3,8 @@
 ``alembic_version`` is Alembic's (the current revision); ``schema_migrations`` is dbkeeper's
 (every attempt to apply, revert or adopt a revision); ``dbkeeper_leader`` is the leader's lease
 on PostgreSQL (one row: who leads, and its heartbeat; see ``leadership.py``);
-``dbkeeper_size_samples`` is database care's size history (``care.growth``). None belongs to the
+``dbkeeper_size_samples`` is database care's size history (``care.growth``); Litestream adds two
+of its own to a replicated SQLite database (``REPLICATION_TABLES``). None belongs to the
 bot's schema: drift detection, autogenerate (``alembic_env.include_object``), record counts and
 row counts leave them out.
 """
@@ -71,7 +72,12 @@ dbkeeper_leader = Table(
     Column("renewed_at", DateTime(timezone=True)),  # for people: nobody compares clocks
 )
 
-BOOKKEEPING_TABLES = frozenset({HISTORY_TABLE, VERSION_TABLE, LEADER_TABLE, SIZE_TABLE})
+# Litestream (replication) keeps these two in the database it replicates, and so in every copy
+# restored from its replica: not the bot's either.
+REPLICATION_TABLES = frozenset({"_litestream_seq", "_litestream_lock"})
+BOOKKEEPING_TABLES = (
+    frozenset({HISTORY_TABLE, VERSION_TABLE, LEADER_TABLE, SIZE_TABLE}) | REPLICATION_TABLES
+)
 # Backed up and verified like any table, but not counted in a backup's rows: every health check
 # adds to them, so the count would change between two backups of the same data.
 UNCOUNTED_TABLES = frozenset({SIZE_TABLE})

@@ -1,0 +1,1 @@
+"""Off the machine: continuous replication of SQLite (Litestream) and off-site copies."""

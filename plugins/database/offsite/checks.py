@@ -95,7 +95,7 @@ class OffsiteHealth:
         due = self.first_upload_due
         first_due = due is None or time.monotonic() > due
         found = problems(status, self.interval_seconds, now, first_due)
-        if status.last_upload_at is None and not first_due:
+        if status.last_upload_at is None and not found:
             message += " | the first follows the first backup"
         if found:
             return degraded(" | ".join([message, *found]), values=values)

@@ -15,31 +15,25 @@ named.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import shutil
-import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
 from dbkeeper.logs import redact
 
+from ...children import dies_with as _dies_with
+from ...children import kill_group as _kill_group
 from ...engines import create_database_engine, database_url, safe_url
 from ...errors import BackupError, InvalidBackup
 from ...settings import DatabaseSettings
 from .base import ContentFacts, Interrupted, Limits, Progress
 
 POLL_SECONDS = 0.2
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-try:  # loaded here: a forked child only calls it
-    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux: the process group and the kill on failure remain
-    _prctl = None
 RESTORE_LOCK_TIMEOUT = "60s"  # pg_restore gives up (and rolls back) rather than wait forever
 _VERSION = re.compile(r"\(PostgreSQL\)\s+((\d+)[\d.]*)")
 _TOC_TABLE = re.compile(r"^\d+; \d+ \d+ TABLE (?!DATA )(\S+) (\S+) ")
@@ -360,26 +354,6 @@ class PostgresBackupEngine:
 
     def side_file(self, suffix: str) -> None:
         return None
-
-
-def _dies_with(parent: int) -> Callable[[], None]:
-    """For ``preexec_fn``: the child gets SIGKILL when its parent dies (Linux)."""
-
-    def setup() -> None:  # in the child, between fork and exec
-        if _prctl is not None:
-            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the line above took effect
-            os._exit(1)
-
-    return setup
-
-
-def _kill_group(process: subprocess.Popen[str]) -> None:
-    """Kill the tool and anything it started (its process group), and reap it."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(Exception):
-        process.communicate(timeout=5)
 
 
 def _size_of(path: Path) -> int:

@@ -1,0 +1,50 @@
+"""The replication's Prometheus metrics, read from the last health report (no work of its own).
+
+``dbkeeper_replication_lag_seconds``, ``_last_sync_timestamp_seconds``, ``_up``,
+``_drill_last_success_timestamp_seconds``; none on a standby (it does not replicate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
+from dbkeeper.health import HealthReport, Status
+from dbkeeper.metrics import gauge
+
+FROM_CHECK = {
+    "lag_seconds": (
+        "replication_lag_seconds",
+        "Seconds since Litestream last confirmed the replica caught up.",
+    ),
+    "last_sync_timestamp_seconds": (
+        "replication_last_sync_timestamp_seconds",
+        "When the replica was last caught up (unix time).",
+    ),
+    "up": ("replication_up", "1 while Litestream runs and answers, else 0."),
+    "drill_last_success_timestamp_seconds": (
+        "replication_drill_last_success_timestamp_seconds",
+        "When the last successful restore drill ran (unix time).",
+    ),
+}
+
+
+class ReplicationMetrics(Collector):
+    """``dbkeeper_replication_*`` from the last health report (no work of its own)."""
+
+    def __init__(self, last_report: Callable[[], HealthReport | None]) -> None:
+        self.last_report = last_report
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        report = self.last_report()
+        check = report.checks.get("replication") if report is not None else None
+        if check is None or (check.status is Status.HEALTHY and "standing by" in check.message):
+            return
+        for value, (name, documentation) in FROM_CHECK.items():
+            if value in check.values:
+                yield gauge(name, documentation, check.values[value])
