@@ -12,7 +12,8 @@ it runs:
                ``[offsite] url`` is set; outside the backup lock; a failed upload is recorded,
                never fails the backup)
 ``restore``    in use elsewhere? -> (gone locally: fetch the off-site copy) -> verify -> pause
-               -> safety copy -> swap -> reopen -> migrate
+               -> safety copy -> swap -> reopen -> migrate -> (fetched, and another setup's
+               copy: adopt the copies off-site, outside the pause)
 """
 
 from __future__ import annotations
@@ -297,7 +298,9 @@ class Operations:
         Nothing touches the live database until the backup passed every check; ``pause``
         holds the bot's database work (a running bot's) from the safety copy to the reopen.
         A backup whose file is gone comes from its off-site copy (decrypted with the age
-        keys in ``identity``), checked against its manifest before it is used at all.
+        keys in ``identity``), checked against its manifest before it is used at all. Once
+        the database is swapped, a copy that was not uploaded from here makes this setup adopt
+        the copies off-site (``OffsiteCopies.adopt``): the operator chose that lineage.
         """
         started = time.monotonic()
         report = serialized(progress)
@@ -306,27 +309,35 @@ class Operations:
         busy = backups.engine.in_use_elsewhere()  # the reason that holds longest comes first
         if busy is not None:
             raise BackupError(busy)
-        if self.offsite is not None and self.gone_locally(name):
-            self.offsite.fetch(name, identity, report)
+        offsite = self.offsite if self.offsite is not None and self.gone_locally(name) else None
+        if offsite is not None:
+            offsite.fetch(name, identity, report)
         if self.database.file is not None:  # a new machine: the restore stages beside it
             self.database.file.parent.mkdir(parents=True, exist_ok=True)
-        with backups.exclusive("restore", wait=False, limits=limits):
-            candidate = prepare(backups, name, report, limits)
-            try:
-                with backups.engine.exclusive(), pause():
-                    safety, damaged = keep_current(backups, candidate, report, limits)
-                    self.database.release()
-                    self.migrator.close()
-                    try:
-                        set_aside = swap(backups, candidate, set_aside_damaged=damaged)
-                    except BackupError:
-                        with contextlib.suppress(Exception):
-                            self.database.connect()
-                        raise
-                    report("restore", 1, 1)
-                    reopened = self._reopen_after_restore(name, safety)
-            finally:
-                candidate.discard()
+        swapped = False
+        adopted = None
+        try:
+            with backups.exclusive("restore", wait=False, limits=limits):
+                candidate = prepare(backups, name, report, limits)
+                try:
+                    with backups.engine.exclusive(), pause():
+                        safety, damaged = keep_current(backups, candidate, report, limits)
+                        self.database.release()
+                        self.migrator.close()
+                        try:
+                            set_aside = swap(backups, candidate, set_aside_damaged=damaged)
+                        except BackupError:
+                            with contextlib.suppress(Exception):
+                                self.database.connect()
+                            raise
+                        swapped = True
+                        report("restore", 1, 1)
+                        reopened = self._reopen_after_restore(name, safety)
+                finally:
+                    candidate.discard()
+        finally:  # the database is the copy's now, even when reopening it failed
+            if swapped and offsite is not None:
+                adopted = offsite.adopt(name)
         elapsed = time.monotonic() - started
         version = self.revisions.version_of(candidate.facts.revision)
         log.info(
@@ -336,7 +347,9 @@ class Operations:
             f"; the previous database is saved as {safety.name}" if safety else "",
             elapsed,
         )
-        return RestoreReport(name, version, safety, reopened, round(elapsed, 3), set_aside)
+        return RestoreReport(
+            name, version, safety, reopened, round(elapsed, 3), set_aside, adopted
+        )
 
     def _reopen_after_restore(self, name: str, safety: Backup | None) -> MigrationReport | None:
         """Connect, and bring the restored schema forward to head (no pre-migration copy: the

@@ -246,6 +246,12 @@ def restore(obj: CliContext, name: str, yes: bool, identity: Path | None) -> Non
         progress.close()
         ops.close()
     click.echo(f"restored {report.name} (schema v{report.schema_version})")
+    if report.adopted and ops.offsite is not None:
+        count = report.adopted
+        click.echo(
+            f"adopted the {count} cop{'y' if count == 1 else 'ies'} in {ops.offsite.where} "
+            "not uploaded from here: rotated with this machine's from now on ([backup] keep)"
+        )
     migration = report.reopened
     if migration is not None and migration.steps:
         click.echo(f"migrated it v{migration.from_version} -> v{migration.to_version}")
