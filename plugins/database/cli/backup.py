@@ -17,6 +17,7 @@ from dbkeeper.cli.context import EXIT_ERROR, CliContext, fails_plainly
 from dbkeeper.texts import size
 
 from ..offsite.checks import summary as offsite_summary
+from ..offsite.uploads import foreign_note
 from .db import operations
 from .offsite import echo_upload, list_offsite
 
@@ -175,10 +176,13 @@ def list_backups(obj: CliContext, offsite: bool) -> None:
         failure = stats.last_failure
         click.echo(f"last failure: {when(failure.at)} ({failure.reason}): {failure.error}")
     if ops.offsite is not None:
+        status = ops.offsite.status()
         click.echo(
-            f"off-site: {offsite_summary(ops.offsite.status())} in {ops.offsite.where} "
+            f"off-site: {offsite_summary(status, foreign=False)} in {ops.offsite.where} "
             "(`dbkeeper backup list --offsite` lists them)"
         )
+        if status.foreign_copies:
+            click.echo(f"off-site: {foreign_note(status.foreign_copies)}")
 
 
 @backup.command()

@@ -37,10 +37,10 @@ def when(moment: datetime) -> str:
     return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
 
 
-def summary(status: OffsiteStatus, now: datetime | None = None) -> str:
-    """``last upload 2026-12-01 10:00:01 UTC (5m ago) | 7 copies | 45.23 MB``, then, when
-    some are of unknown origin, ``| 2 copies not uploaded from here are kept (never
-    rotated): ...`` (not a problem: the check stays healthy)."""
+def summary(status: OffsiteStatus, now: datetime | None = None, *, foreign: bool = True) -> str:
+    """``last upload 2026-12-01 10:00:01 UTC (5m ago) | 7 copies | 45.23 MB``, then (unless
+    ``foreign`` is False), when some are of unknown origin, ``| 2 copies not uploaded from
+    here are kept (never rotated): ...`` (not a problem: the check stays healthy)."""
     now = now or datetime.now(UTC)
     copies = f"{status.copies} cop{'y' if status.copies == 1 else 'ies'}"
     if status.last_upload_at is None:
@@ -49,7 +49,7 @@ def summary(status: OffsiteStatus, now: datetime | None = None) -> str:
         ago = duration((now - status.last_upload_at).total_seconds())
         last = f"last upload {when(status.last_upload_at)} ({ago} ago)"
     text = f"{last} | {copies} | {megabytes(status.total_bytes)}"
-    if status.foreign_copies:
+    if foreign and status.foreign_copies:
         text += f" | {foreign_note(status.foreign_copies)}"
     return text
 
