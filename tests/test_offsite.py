@@ -19,8 +19,9 @@ from dbkeeper.config import ConfigError, settings_from_mapping
 from dbkeeper.plugins.database.commands import format_upload
 from dbkeeper.plugins.database.errors import InvalidBackup
 from dbkeeper.plugins.database.offsite.checks import OffsiteHealth, problems, summary
-from dbkeeper.plugins.database.offsite.uploads import OffsiteCopy, OffsiteStatus
+from dbkeeper.plugins.database.offsite.uploads import OffsiteCopies, OffsiteCopy, OffsiteStatus
 from dbkeeper.plugins.database.operations import Operations
+from dbkeeper.plugins.database.settings import OffsiteSettings
 from tests.support.backups import SkippingClock, add_users, listing, open_plugin, user_ids
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, S3Server, running_s3
 
@@ -395,6 +396,163 @@ def test_encrypted_s3_copy_with_server_side_encryption(
     assert user_ids(url) == list(range(1, 10))
 
 
+# -- whose copies are rotated -------------------------------------------------------------------
+
+
+def machine(
+    base: Path, remote: Path, hours: float = 0, clock: SkippingClock | None = None
+) -> Operations:
+    """A machine of its own (data and backup directory under ``base``) copying to ``remote``;
+    its clock ``hours`` off (the old machine's backups are older)."""
+    clock = clock or SkippingClock()
+    clock.offset = timedelta(hours=hours)
+    ops = ops_for(base, f"sqlite:///{base / 'data' / 'bot.db'}", clock, url=f"file://{remote}")
+    ops.offsite = OffsiteCopies(ops.settings.section(OffsiteSettings), ops.backups, clock=clock.now)
+    return ops
+
+
+def stored_names(remote: Path) -> list[str]:
+    return sorted(n for n in os.listdir(remote / "backups") if not n.endswith(".manifest.json"))
+
+
+def state_of(ops: Operations) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(
+        (ops.backups.store.directory / ".dbkeeper-offsite.json").read_text()
+    )
+    return data
+
+
+NOTE = (
+    "copies not uploaded from here are kept (never rotated): restore one (`dbkeeper backup "
+    "restore NAME`) or delete them by hand"
+)
+
+
+async def test_a_new_machine_never_rotates_the_old_machines_copies(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The old machine died; the new one started before its restore: an empty database whose
+    backups go to the same place. Its rotation counts its own copies only."""
+    remote = tmp_path / "other-disk"
+    remote.mkdir()
+    old = machine(tmp_path / "old", remote, hours=-1)
+    add_users(old, 10)
+    kept = [old.backup("scheduled").backup.name for _ in range(3)][1:]  # keep = 2
+    old.close()
+    assert stored_names(remote) == sorted(kept)
+
+    new = machine(tmp_path / "new", remote)
+    assert new.offsite is not None
+    taken = [new.backup("scheduled") for _ in range(4)]
+    mine = [t.backup.name for t in taken]
+    assert all(t.upload is not None and t.upload.ok for t in taken)
+    assert stored_names(remote) == sorted([*kept, *mine[2:]])  # its own rotate: keep = 2
+    assert taken[-1].upload is not None and taken[-1].upload.foreign == 2
+    status = new.offsite.status()
+    assert status.own_copies == frozenset(mine[2:]) and status.foreign_copies == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"{new.offsite.where}: 2 {NOTE} (a new machine started "
+        "before its restore, or a lost .dbkeeper-offsite.json)"
+    ]  # once, not at every sync
+
+    health = await OffsiteHealth(new.offsite, interval_seconds=3600).check()
+    assert health.status.value == "healthy", health.message
+    assert health.message.endswith(
+        f"| 4 copies | {health.values['size_bytes'] / 1e6:.2f} MB | 2 {NOTE}"
+    )
+    new.close()
+    report = Operations(old.settings).restore(kept[-1])  # the old copies still restore
+    assert report.name == kept[-1] and user_ids(str(old.settings.database.url)) == list(
+        range(1, 11)
+    )
+
+
+def test_restoring_an_old_copy_adopts_the_copies_off_site(tmp_path: Path) -> None:
+    """The operator restores one of the old machine's copies on the new one: that lineage is
+    this machine's now. The restored copy stays off-site until a newer backup is there."""
+    remote = tmp_path / "other-disk"
+    remote.mkdir()
+    old = machine(tmp_path / "old", remote, hours=-1)
+    add_users(old, 10)
+    old_copies = [old.backup("scheduled").backup.name for _ in range(3)][1:]
+    old.close()
+    new = machine(tmp_path / "new", remote)
+    empty = [new.backup("scheduled").backup.name for _ in range(2)]
+    assert stored_names(remote) == sorted([*old_copies, *empty])
+
+    restored = old_copies[-1]
+    report = new.restore(restored)
+    assert report.adopted == 2 and report.safety is not None
+    assert user_ids(str(new.settings.database.url)) == list(range(1, 11))
+    assert new.offsite is not None and new.offsite.status().foreign_copies == 0
+    # The sync after the restore (the running bot's, for the pre-restore copy) rotates the
+    # adopted copies too; the restored one stays: the newest routine copies are the empty ones.
+    after = new.upload()
+    assert after is not None and after.ok and after.foreign == 0, after
+    assert stored_names(remote) == sorted([restored, *empty, report.safety.name])
+    newer = new.backup("scheduled").backup.name  # the restored data, off-site: it may go
+    new.close()
+    assert stored_names(remote) == sorted([empty[-1], newer, report.safety.name])
+    state = state_of(new)
+    assert state["adopted_from"] == "" and state["foreign_copies"] == 0
+    assert sorted(state["own_copies"]) == sorted([empty[-1], newer, report.safety.name])
+
+
+def test_a_lost_state_file_keeps_every_copy_already_there(tmp_path: Path) -> None:
+    """A backup directory without its state file (deleted, a restored disk image) cannot tell
+    its copies from another machine's: it keeps them all and rotates only what it uploads."""
+    remote = tmp_path / "other-disk"
+    remote.mkdir()
+    ops = machine(tmp_path, remote)
+    add_users(ops, 5)
+    before = [ops.backup("scheduled").backup.name for _ in range(3)][1:]
+    (tmp_path / "backups" / ".dbkeeper-offsite.json").unlink()
+    after = [ops.backup("scheduled").backup.name for _ in range(3)]
+    ops.close()
+    assert stored_names(remote) == sorted([*before, *after[1:]])
+    state = state_of(ops)
+    assert sorted(state["own_copies"]) == sorted(after[1:]) and state["foreign_copies"] == 2
+
+
+def test_a_state_file_from_before_adopts_only_what_this_machine_holds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Upgrading: a state file without ``own_copies`` (this machine has been uploading). The
+    copies whose backups are here, and its last upload, are its own; another machine's copy
+    (older than all of them, first in line for a rotation) is kept."""
+    remote = tmp_path / "other-disk"
+    remote.mkdir()
+    other = machine(tmp_path / "other", remote, hours=-2)
+    [foreign] = [other.backup("scheduled").backup.name]
+    other.close()
+    clock = SkippingClock()
+    ops = machine(tmp_path / "this", remote, hours=-1, clock=clock)
+    add_users(ops, 5)
+    mine = [ops.backup("scheduled").backup.name for _ in range(3)][1:]
+    state_path = tmp_path / "this" / "backups" / ".dbkeeper-offsite.json"
+    legacy = json.loads(state_path.read_text())
+    for key in ("own_copies", "foreign_copies", "adopted_from", "adopted_at"):
+        legacy.pop(key, None)  # as an earlier version wrote it
+    state_path.write_text(json.dumps(legacy))
+    for path in (tmp_path / "this" / "backups").glob(mine[-1] + "*"):
+        path.unlink()  # the last upload is known from the state file alone
+    assert legacy["last_upload_name"] == mine[-1]
+    assert stored_names(remote) == sorted([foreign, *mine])
+
+    caplog.set_level("INFO", "dbkeeper.offsite")
+    clock.sleep(60)  # not the second of the backup removed here
+    newest = ops.backup("scheduled")
+    ops.close()
+    assert newest.upload is not None and newest.upload.ok
+    assert newest.upload.rotated == [mine[0]]  # keep = 2 of its own: the foreign one stays
+    assert stored_names(remote) == sorted([foreign, mine[-1], newest.backup.name])
+    assert "adopted 2 of the 3 copies in " in caplog.text
+    state = state_of(ops)
+    assert sorted(state["own_copies"]) == sorted([mine[-1], newest.backup.name])
+    assert state["foreign_copies"] == 1
+
+
 # -- health -------------------------------------------------------------------------------------
 
 
@@ -536,6 +694,46 @@ def test_dbstats_and_the_backup_answer_tell_about_the_offsite_copies() -> None:
     failed = UploadReport(failure="the off-site copy to s3://b/backups failed: <x>")
     assert format_upload(failed, "bot-db-x.db").startswith("⚠️ Not copied off-site: ")
     assert "&lt;x&gt;" in format_upload(failed, "bot-db-x.db")
+
+
+def test_dbstats_and_the_backup_answer_name_the_copies_not_uploaded_from_here() -> None:
+    from dbkeeper.plugins.database.backup.pipeline import BackupStats
+    from dbkeeper.plugins.database.commands import format_dbstats
+    from dbkeeper.plugins.database.health.checks import DatabaseStatistics
+    from dbkeeper.plugins.database.health.probes import Overview
+    from dbkeeper.plugins.database.migrate.history import MigrationStats
+    from dbkeeper.plugins.database.migrate.migrator import MigrationStatus
+    from dbkeeper.plugins.database.offsite.uploads import UploadReport
+
+    now = datetime.now(UTC)
+    statistics = DatabaseStatistics(
+        MigrationStatus("0003", 3, "0003", 3, ()), MigrationStats(3, 0, now, 4), Overview({}), 1
+    )
+    status = OffsiteStatus(
+        last_upload_at=now, last_success_at=now, copies=10, total_bytes=45_230_000, foreign_copies=7
+    )
+    empty = BackupStats(0, 0, None, None, None, None, None)
+    text = format_dbstats(statistics, empty, "sqlite:///x.db", offsite=status)
+    assert (
+        "| 10 copies | 45.23 MB | 7 copies not uploaded from here are kept (never rotated): "
+        "restore one (`dbkeeper backup restore NAME`) or delete them by hand"
+    ) in text
+    answer = format_upload(UploadReport(copies=10, foreign=7), "bot-db-x.db")
+    assert answer == "☁️ 10 copies off-site (7 not uploaded from here, kept)"
+
+
+def test_the_state_file_tells_an_earlier_version_from_a_new_machine() -> None:
+    """No ``own_copies`` at all: written by an earlier version (adopted at the next sync);
+    an empty list, or none readable: nothing is this machine's (nothing is rotated)."""
+    earlier = OffsiteStatus.from_json('{"copies": 3, "last_upload_name": "bot-db-x.db"}')
+    assert earlier.own_copies is None and earlier.copies == 3
+    assert "own_copies" not in json.loads(earlier.to_json())  # still to be adopted
+    assert OffsiteStatus.from_json(earlier.to_json()) == earlier
+    assert OffsiteStatus().own_copies == frozenset()  # no state file: a new machine
+    assert OffsiteStatus.from_json('{"own_copies": "x"}').own_copies == frozenset()
+    now = datetime.now(UTC)
+    adopted = OffsiteStatus(own_copies=frozenset({"b", "a"}), adopted_from="a", adopted_at=now)
+    assert OffsiteStatus.from_json(adopted.to_json()) == adopted
 
 
 def test_wrong_credentials_are_refused_by_the_server_and_never_shown(

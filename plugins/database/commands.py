@@ -297,6 +297,8 @@ def format_upload(report: UploadReport, name: str) -> str:
         return f"⏳ Off-site copy postponed: {escape(report.deferred)}"
     copy = report.uploaded_name(name)
     copies = f"{report.copies} cop{'y' if report.copies == 1 else 'ies'} off-site"
+    if report.foreign:
+        copies += f" ({report.foreign} not uploaded from here, kept)"
     if copy is None:
         return f"☁️ {copies}"
     encrypted = ", age-encrypted" if copy.encrypted else ""

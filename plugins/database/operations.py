@@ -12,7 +12,8 @@ it runs:
                ``[offsite] url`` is set; outside the backup lock; a failed upload is recorded,
                never fails the backup)
 ``restore``    in use elsewhere? -> (gone locally: fetch the off-site copy) -> verify -> pause
-               -> safety copy -> swap -> reopen -> migrate
+               -> safety copy -> swap -> reopen -> migrate -> (fetched, and another setup's
+               copy: adopt the copies off-site, outside the pause)
 ``restore_replica``  the replica's state (newest, or at a time) into a staging file -> ``restore``
 """
 
@@ -329,7 +330,9 @@ class Operations:
         Nothing touches the live database until the backup passed every check; ``pause``
         holds the bot's database work (a running bot's) from the safety copy to the reopen.
         A backup whose file is gone comes from its off-site copy (decrypted with the age
-        keys in ``identity``), checked against its manifest before it is used at all.
+        keys in ``identity``), checked against its manifest before it is used at all. Once
+        the database is swapped, a copy that was not uploaded from here makes this setup adopt
+        the copies off-site (``OffsiteCopies.adopt``): the operator chose that lineage.
         ``source``: the candidate comes from elsewhere (``name`` only labels it).
         """
         started = time.monotonic()
@@ -339,32 +342,41 @@ class Operations:
         busy = backups.engine.in_use_elsewhere()  # the reason that holds longest comes first
         if busy is not None:
             raise BackupError(busy)
-        if source is None and self.offsite is not None and self.gone_locally(name):
-            self.offsite.fetch(name, identity, report)
+        fetched = source is None and self.offsite is not None and self.gone_locally(name)
+        offsite = self.offsite if fetched else None
+        if offsite is not None:
+            offsite.fetch(name, identity, report)
         if self.database.file is not None:  # a new machine: the restore stages beside it
             self.database.file.parent.mkdir(parents=True, exist_ok=True)
-        with backups.exclusive("restore", wait=False, limits=limits):
-            if source is not None:
-                candidate = source(report, limits)
-            else:
-                candidate = prepare(backups, name, report, limits)
-            try:
-                with backups.engine.exclusive(), pause():
-                    safety, damaged = keep_current(backups, candidate, report, limits)
-                    self.database.release()
-                    self.migrator.close()
-                    try:
-                        set_aside = swap(backups, candidate, set_aside_damaged=damaged)
-                    except BackupError:
-                        with contextlib.suppress(Exception):
-                            self.database.connect()
-                        raise
-                    report("restore", 1, 1)
-                    if self.database.file is not None:  # its position is of the old file
-                        forget_position(self.database.file)
-                    reopened = self._reopen_after_restore(name, safety)
-            finally:
-                candidate.discard()
+        swapped = False
+        adopted = None
+        try:
+            with backups.exclusive("restore", wait=False, limits=limits):
+                if source is not None:
+                    candidate = source(report, limits)
+                else:
+                    candidate = prepare(backups, name, report, limits)
+                try:
+                    with backups.engine.exclusive(), pause():
+                        safety, damaged = keep_current(backups, candidate, report, limits)
+                        self.database.release()
+                        self.migrator.close()
+                        try:
+                            set_aside = swap(backups, candidate, set_aside_damaged=damaged)
+                        except BackupError:
+                            with contextlib.suppress(Exception):
+                                self.database.connect()
+                            raise
+                        swapped = True
+                        report("restore", 1, 1)
+                        if self.database.file is not None:  # its position is of the old file
+                            forget_position(self.database.file)
+                        reopened = self._reopen_after_restore(name, safety)
+                finally:
+                    candidate.discard()
+        finally:  # the database is the copy's now, even when reopening it failed
+            if swapped and offsite is not None:
+                adopted = offsite.adopt(name)
         elapsed = time.monotonic() - started
         version = self.revisions.version_of(candidate.facts.revision)
         log.info(
@@ -374,7 +386,9 @@ class Operations:
             f"; the previous database is saved as {safety.name}" if safety else "",
             elapsed,
         )
-        return RestoreReport(name, version, safety, reopened, round(elapsed, 3), set_aside)
+        return RestoreReport(
+            name, version, safety, reopened, round(elapsed, 3), set_aside, adopted
+        )
 
     # -- restoring from the replica (offsite/replica.py) ---------------------------------------
 

@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pyrage
 import pytest
 
 from dbkeeper.config import settings_from_mapping
-from tests.support.backups import add_users, listing, open_plugin, user_ids
+from tests.support.backups import SkippingClock, add_users, listing, open_plugin, user_ids
 from tests.support.hosts import free_port
 from tests.support.process import REPO, BotProcess, run_cli, write_config
 from tests.support.s3 import S3Server, running_s3
@@ -289,3 +290,129 @@ def test_a_hung_server_never_holds_the_shutdown_and_the_next_start_uploads(
         bot.wait_for_line(f"uploaded {name} to s3://hung-at-shutdown/bot/backups")
         assert bot.stop(signal.SIGTERM) == 0
     assert name in _offsite_names(workdir)
+
+
+# -- a new machine and the old machine's copies ---------------------------------------------------
+
+FOREIGN = "not uploaded from here are kept (never rotated): restore one"  # after "N copies "
+
+
+@pytest.fixture
+def credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+
+
+def _old_machine(directory: Path, s3: S3Server, bucket: str, backups: int) -> list[str]:
+    """The machine that died: 10 users, ``backups`` backups copied to ``bucket`` an hour ago
+    (taken in-process: the machines under test are the new one's processes). Its copies'
+    names, newest first."""
+    s3.create_bucket(bucket)
+    settings = settings_from_mapping(
+        {
+            "database": {"url": f"sqlite:///{directory / 'data' / 'bot.db'}"},
+            "backup": {"dir": str(directory / "backups"), "keep": 3},
+            "offsite": {"url": f"s3://{bucket}/bot", "endpoint": s3.endpoint},
+        },
+        environ={},
+    )
+    clock = SkippingClock()
+    clock.offset = timedelta(hours=-1)
+    ops = open_plugin(settings, clock)
+    add_users(ops, 10)
+    for _ in range(backups):
+        upload = ops.backup("scheduled").upload
+        assert upload is not None and upload.ok, upload
+    assert ops.offsite is not None
+    names = [copy.name for copy in ops.offsite.listing().copies]
+    ops.close()
+    return names
+
+
+def _new_machine(directory: Path, s3: S3Server, bucket: str, **backup: Any) -> dict[str, Any]:
+    """config.toml of the new machine, copying to ``bucket`` too; no database yet."""
+    directory.mkdir()
+    sections: dict[str, dict[str, Any]] = {
+        "database": {"url": f"sqlite:///{directory / 'data' / 'bot.db'}"},
+        "backup": {"dir": str(directory / "backups"), "keep": 3, **backup},
+        "health": {"http_port": free_port(), "interval_seconds": 1},
+        "offsite": {"url": f"s3://{bucket}/bot", "endpoint": s3.endpoint},
+    }
+    write_config(directory / "config.toml", sections)
+    return sections
+
+
+def _origins(workdir: Path) -> tuple[dict[str, str], str]:
+    """``backup list --offsite``: the origin of each copy, and the whole output."""
+    code, output = run_cli(["backup", "list", "--offsite"], cwd=workdir, env=ENV)
+    assert code == 0, output
+    rows = [line.split() for line in output.splitlines() if line.startswith("bot-db-")]
+    return {row[0]: row[7] for row in rows}, output
+
+
+def test_a_new_machine_started_before_its_restore_keeps_the_old_copies(
+    tmp_path: Path, s3: S3Server, credentials: None
+) -> None:
+    """The old machine died; the new one is started before anything is restored (an empty
+    database, the same [offsite] url) and takes more than `keep` backups: every copy of the
+    old machine stays, its own rotate among themselves, and it says so."""
+    old_copies = _old_machine(tmp_path / "old", s3, "new-machine", backups=4)
+    assert len(old_copies) == 3  # the old machine rotated its own: keep = 3
+    new = tmp_path / "new"
+    port = _new_machine(new, s3, "new-machine", interval_seconds=1)["health"]["http_port"]
+    with BotProcess(["run"], cwd=new, env=ENV) as bot:
+        bot.wait_for_line("dbkeeper is running")
+        _wait(lambda: "rotated out the off-site copy" in bot.output, "its own rotation")
+        _wait(lambda: FOREIGN in _check(port, "offsite")["message"], "the check to say it")
+        check = _check(port, "offsite")
+        assert bot.stop(signal.SIGTERM) == 0
+    assert check["status"] == "healthy", check
+    assert check["message"].endswith(
+        "| 3 copies not uploaded from here are kept (never rotated): restore one "
+        "(`dbkeeper backup restore NAME`) or delete them by hand"
+    )
+    warnings = [line for line in bot.output.splitlines() if FOREIGN in line]
+    assert len(warnings) == 1 and " WARNING dbkeeper.offsite: " in warnings[0], warnings
+
+    origins, output = _origins(new)
+    assert {name: origins[name] for name in old_copies} == dict.fromkeys(old_copies, "unknown")
+    own = [name for name, origin in origins.items() if origin == "here"]
+    assert len(own) == 3 and min(own) > max(old_copies), origins  # its newest 3 (keep = 3)
+    assert output.splitlines()[-1] == (
+        "origin unknown: 3 copies not uploaded from here are kept (never rotated): restore one "
+        "(`dbkeeper backup restore NAME`) or delete them by hand"
+    )
+
+
+def test_restoring_an_old_copy_on_the_new_machine_adopts_the_copies_off_site(
+    tmp_path: Path, s3: S3Server, credentials: None
+) -> None:
+    """The operator restores one of the old machine's copies on the new one: the copies off
+    site are this machine's from then on, and its next backup rotates them with its own."""
+    old_copies = _old_machine(tmp_path / "old", s3, "adoption", backups=3)
+    new = tmp_path / "new"
+    url = _new_machine(new, s3, "adoption")["database"]["url"]
+    assert run_cli(["db", "migrate"], cwd=new, env=ENV)[0] == 0  # a fresh, empty database
+    code, output = run_cli(["backup", "create"], cwd=new, env=ENV)
+    assert code == 0, output
+    assert "off-site: 4 copies in s3://adoption/bot/backups (3 not uploaded from here" in output
+    code, output = run_cli(["backup", "list"], cwd=new, env=ENV)
+    assert code == 0 and f"\noff-site: 3 copies {FOREIGN}" in output, output
+
+    code, output = run_cli(["backup", "restore", old_copies[0], "--yes"], cwd=new, env=ENV)
+    assert code == 0, output
+    assert f"restored {old_copies[0]} (schema v3)" in output
+    assert (
+        "adopted the 3 copies in s3://adoption/bot/backups not uploaded from here: rotated "
+        "with this machine's from now on"
+    ) in output
+    assert user_ids(url) == list(range(1, 11))
+    origins, output = _origins(new)
+    assert set(origins.values()) == {"here"} and "origin unknown" not in output, output
+
+    code, output = run_cli(["backup", "create"], cwd=new, env=ENV)
+    assert code == 0, output
+    assert output.count("rotated out the off-site copy") == 2, output  # keep = 3, all its own
+    remaining = _offsite_names(new)
+    assert set(remaining) & set(old_copies) == {old_copies[0]}, remaining
+    assert len(remaining) == 4  # 3 routine backups and the copy taken before the restore

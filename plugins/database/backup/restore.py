@@ -51,6 +51,7 @@ class RestoreReport:
     reopened: Any  # the migration report of the reopened database
     duration_seconds: float
     set_aside: list[Path] = field(default_factory=list)  # a damaged database, kept as it was
+    adopted: int | None = None  # off-site copies this restore adopted (None: none, or failed)
 
 
 def prepare(backups: Backups, name: str, progress: Progress, limits: Limits) -> RestoreCandidate:

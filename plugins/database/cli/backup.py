@@ -17,6 +17,7 @@ from dbkeeper.cli.context import EXIT_ERROR, CliContext, fails_plainly
 from dbkeeper.texts import size
 
 from ..offsite.checks import summary as offsite_summary
+from ..offsite.uploads import foreign_note
 from .db import operations
 from .offsite import echo_upload, list_offsite
 
@@ -176,10 +177,13 @@ def list_backups(obj: CliContext, offsite: bool) -> None:
         failure = stats.last_failure
         click.echo(f"last failure: {when(failure.at)} ({failure.reason}): {failure.error}")
     if ops.offsite is not None:
+        status = ops.offsite.status()
         click.echo(
-            f"off-site: {offsite_summary(ops.offsite.status())} in {ops.offsite.where} "
+            f"off-site: {offsite_summary(status, foreign=False)} in {ops.offsite.where} "
             "(`dbkeeper backup list --offsite` lists them)"
         )
+        if status.foreign_copies:
+            click.echo(f"off-site: {foreign_note(status.foreign_copies)}")
 
 
 @backup.command()
@@ -264,6 +268,12 @@ def restore(
         progress.close()
         ops.close()
     click.echo(f"restored {report.name} (schema v{report.schema_version})")
+    if report.adopted and ops.offsite is not None:
+        count = report.adopted
+        click.echo(
+            f"adopted the {count} cop{'y' if count == 1 else 'ies'} in {ops.offsite.where} "
+            "not uploaded from here: rotated with this machine's from now on ([backup] keep)"
+        )
     migration = report.reopened
     if migration is not None and migration.steps:
         click.echo(f"migrated it v{migration.from_version} -> v{migration.to_version}")

@@ -7,7 +7,7 @@ import click
 
 from dbkeeper.texts import size
 
-from ..offsite.uploads import OffsiteCopies, UploadReport
+from ..offsite.uploads import OffsiteCopies, UploadReport, foreign_note
 
 
 def echo_upload(report: UploadReport | None) -> None:
@@ -31,30 +31,40 @@ def echo_upload(report: UploadReport | None) -> None:
             "read back and verified"
         )
     rotated = f", {len(report.rotated)} rotated out" if report.rotated else ""
-    click.echo(f"off-site: {report.copies} copies in {report.where}{rotated}")
+    foreign = f" ({report.foreign} not uploaded from here, kept)" if report.foreign else ""
+    click.echo(f"off-site: {report.copies} copies in {report.where}{rotated}{foreign}")
 
 
 def list_offsite(offsite: OffsiteCopies) -> None:
-    """The copies off-site, newest first, the damaged ones apart, and the last upload."""
+    """The copies off-site, newest first, the damaged ones apart, and the last upload.
+
+    ``origin``: ``here`` for the copies this setup uploaded or adopted (rotated), ``unknown``
+    for the others (kept, never rotated; a footnote says what to do)."""
     listing = offsite.listing()
+    status = offsite.status()
+    own = offsite.lineage(status, listing)
     if listing.copies:
         click.echo(
             f"{'name':<36} {'taken (UTC)':<19}  {'reason':<13} {'stored':>9}  {'schema':>6}  "
-            "rows, encryption"
+            f"{'origin':<7}  rows, encryption"
         )
         for copy in listing.copies:
             info = copy.backup
             encryption = "age" if copy.encrypted else "none"
+            origin = "here" if copy.name in own else "unknown"
             click.echo(
                 f"{info.name:<36} {info.created_at:%Y-%m-%d %H:%M:%S}  {info.reason:<13} "
                 f"{size(copy.size_bytes):>9}  {'v' + str(info.schema_version):>6}  "
-                f"{info.rows:,}, {encryption}"
+                f"{origin:<7}  {info.rows:,}, {encryption}"
             )
         count = len(listing.copies)
         click.echo(
             f"{count} cop{'y' if count == 1 else 'ies'}, {size(listing.total_bytes)} in total, "
             f"in {offsite.where}"
         )
+        foreign = sum(copy.name not in own for copy in listing.copies)
+        if foreign:
+            click.echo(f"origin unknown: {foreign_note(foreign)}")
     else:
         click.echo(f"no copies in {offsite.where}")
     for entry in listing.damaged:
@@ -64,7 +74,6 @@ def list_offsite(offsite: OffsiteCopies) -> None:
             f"{len(listing.orphans)} object(s) without a manifest (uploads that did not "
             "complete; removed a day later)"
         )
-    status = offsite.status()
     if status.failing and status.last_failure_at is not None:
         click.echo(
             f"last failure: {status.last_failure_at:%Y-%m-%d %H:%M:%S} UTC: {status.last_failure}"

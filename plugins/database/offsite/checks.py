@@ -1,8 +1,9 @@
 """The ``offsite`` health check and the ``dbkeeper_offsite_*`` metrics.
 
-"last upload 2026-12-01 10:00:01 UTC (5m ago) | 7 copies | 45.23 MB": read from what the
-syncs recorded beside the backups (``.dbkeeper-offsite.json``), never from the storage, so a
-check costs no request and works the same for every process sharing the backup directory.
+"last upload 2026-12-01 10:00:01 UTC (5m ago) | 7 copies | 45.23 MB" (then the copies of
+unknown origin, kept and never rotated, when there are some: see ``uploads``): read from what
+the syncs recorded beside the backups (``.dbkeeper-offsite.json``), never from the storage, so
+a check costs no request and works the same for every process sharing the backup directory.
 Degraded when the last sync failed, when the last upload is older than twice ``[backup]
 interval_seconds``, or when nothing is off-site once the first backup (and its grace) is past.
 
@@ -27,7 +28,7 @@ from dbkeeper.texts import duration, megabytes
 
 from ..retry import describe_error
 from ..timeouts import offload
-from .uploads import OffsiteCopies, OffsiteStatus
+from .uploads import OffsiteCopies, OffsiteStatus, foreign_note
 
 CHECK = "offsite"
 
@@ -36,8 +37,10 @@ def when(moment: datetime) -> str:
     return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
 
 
-def summary(status: OffsiteStatus, now: datetime | None = None) -> str:
-    """``last upload 2026-12-01 10:00:01 UTC (5m ago) | 7 copies | 45.23 MB``"""
+def summary(status: OffsiteStatus, now: datetime | None = None, *, foreign: bool = True) -> str:
+    """``last upload 2026-12-01 10:00:01 UTC (5m ago) | 7 copies | 45.23 MB``, then (unless
+    ``foreign`` is False), when some are of unknown origin, ``| 2 copies not uploaded from
+    here are kept (never rotated): ...`` (not a problem: the check stays healthy)."""
     now = now or datetime.now(UTC)
     copies = f"{status.copies} cop{'y' if status.copies == 1 else 'ies'}"
     if status.last_upload_at is None:
@@ -45,7 +48,10 @@ def summary(status: OffsiteStatus, now: datetime | None = None) -> str:
     else:
         ago = duration((now - status.last_upload_at).total_seconds())
         last = f"last upload {when(status.last_upload_at)} ({ago} ago)"
-    return f"{last} | {copies} | {megabytes(status.total_bytes)}"
+    text = f"{last} | {copies} | {megabytes(status.total_bytes)}"
+    if foreign and status.foreign_copies:
+        text += f" | {foreign_note(status.foreign_copies)}"
+    return text
 
 
 def problems(

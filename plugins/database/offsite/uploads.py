@@ -14,9 +14,30 @@ start, for what a shutdown left. In order:
    what is stored (object name, size, sha256, recipients). The manifest is the commit point:
    a copy without one is not listed, and is removed a day later;
 5. rotate off-site with the local policy (``retention.to_rotate``, ``[backup] keep`` per
-   pool): manifest first, then the object;
+   pool) over this setup's own copies only (below): manifest first, then the object;
 6. record the outcome in ``.dbkeeper-offsite.json`` beside the backups (the health check,
    ``/dbstats`` and ``backup list`` read it: no request to the storage for them).
+
+Whose copies are rotated. The state file records the names of the copies uploaded from this
+backup directory (``own_copies``; claimed before each upload, so a crash between the object
+and its manifest leaves no own copy behind unknown), pruned to what is still listed. Only
+those are rotated; a copy of unknown origin is never deleted automatically, only counted
+(``foreign_copies``: the ``offsite`` check, ``/dbstats`` and ``backup list --offsite`` name
+them, and each process logs a warning the first time it sees them). A new machine started
+before its restore, or a backup directory whose state file was lost (a wiped disk), owns
+nothing: every copy already there is kept, and its own copies rotate among themselves.
+
+A restore from an off-site copy that is not this setup's (``adopt``) adopts every copy
+listed at that moment: the operator chose that lineage, so rotation resumes over it. The
+restored copy itself stays off-site until a routine backup taken after the restore is there
+too (``adopted_from``): otherwise the first rotation could remove every copy of the restored
+data while the newest copies are those of the database it replaced.
+
+A state file written before ``own_copies`` existed (an earlier version: this machine has been
+uploading) adopts, at its first sync, the copies whose backups are still in the backup
+directory (the same time stamp; the local rotation keeps the same set as the off-site one)
+and the one it recorded as its last upload. Anything else off-site is kept as of unknown
+origin: never delete on a guess.
 
 A failed upload never touches the local backups: it is recorded (and alerted by the plugin),
 and the next sync uploads every backup still missing off-site, the failed one included. A
@@ -153,6 +174,13 @@ class OffsiteListing:
     def total_bytes(self) -> int:
         return sum(copy.size_bytes for copy in self.copies)
 
+    @property
+    def names(self) -> frozenset[str]:
+        """Every backup listed (sound or damaged)."""
+        return frozenset(
+            [copy.name for copy in self.copies] + [entry.name for entry in self.damaged]
+        )
+
 
 @dataclass(frozen=True)
 class UploadReport:
@@ -166,6 +194,7 @@ class UploadReport:
     copies: int | None = None  # off-site after the sync (None: the listing failed)
     total_bytes: int = 0
     where: str = ""
+    foreign: int = 0  # of ``copies``: of unknown origin (kept, never rotated)
 
     @property
     def ok(self) -> bool:
@@ -188,6 +217,12 @@ class OffsiteStatus:
     failures_total: int = 0
     copies: int = 0
     total_bytes: int = 0
+    # The copies uploaded from here (or adopted) still off-site; None: a state file from a
+    # version that did not record them (resolved by ``OffsiteCopies.lineage``).
+    own_copies: frozenset[str] | None = frozenset()
+    foreign_copies: int = 0  # sound copies off-site of unknown origin: kept, never rotated
+    adopted_from: str = ""  # the copy a restore adopted, kept until a newer backup is there
+    adopted_at: datetime | None = None
 
     @property
     def failing(self) -> bool:
@@ -206,7 +241,12 @@ class OffsiteStatus:
             "failures_total": self.failures_total,
             "copies": self.copies,
             "total_bytes": self.total_bytes,
+            "foreign_copies": self.foreign_copies,
+            "adopted_from": self.adopted_from,
+            "adopted_at": _iso(self.adopted_at),
         }
+        if self.own_copies is not None:  # None stays absent: the adoption is still to be done
+            data["own_copies"] = sorted(self.own_copies)
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -223,7 +263,16 @@ class OffsiteStatus:
             value = data.get(key, 0)
             return value if isinstance(value, int) and value >= 0 else 0
 
+        own = data.get("own_copies")
+        own_copies: frozenset[str] | None = None
+        if own is not None:  # malformed: nothing is ours (nothing is deleted)
+            valid = isinstance(own, list) and all(isinstance(name, str) for name in own)
+            own_copies = frozenset(own) if valid else frozenset()
         return cls(
+            own_copies=own_copies,
+            foreign_copies=count("foreign_copies"),
+            adopted_from=str(data.get("adopted_from") or ""),
+            adopted_at=moment("adopted_at"),
             last_upload_at=moment("last_upload_at"),
             last_upload_name=str(data.get("last_upload_name", "")),
             last_success_at=moment("last_success_at"),
@@ -233,6 +282,19 @@ class OffsiteStatus:
             copies=count("copies"),
             total_bytes=count("total_bytes"),
         )
+
+
+def foreign_note(count: int) -> str:
+    """What to say about ``count`` copies off-site of unknown origin (never rotated)."""
+    if count == 1:
+        return (
+            "1 copy not uploaded from here is kept (never rotated): restore it "
+            "(`dbkeeper backup restore NAME`) or delete it by hand"
+        )
+    return (
+        f"{count} copies not uploaded from here are kept (never rotated): restore one "
+        "(`dbkeeper backup restore NAME`) or delete them by hand"
+    )
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -269,6 +331,7 @@ class OffsiteCopies:
         self._environ = environ
         self._clock = clock
         self._parsed_recipients: list[Any] | None = None
+        self._foreign_logged = 0  # the count of foreign copies this process last warned about
 
     @property
     def keep(self) -> int:
@@ -328,6 +391,71 @@ class OffsiteCopies:
             os.replace(scratch, self.directory / STATE_NAME)
         except (OSError, BackupError) as error:
             log.warning("could not record the off-site state in %s: %s", self.directory, error)
+
+    def _update(self, **changes: Any) -> None:
+        """Change some fields of the recorded state (under the sync lock: one writer)."""
+        self._save(replace(self.status(), **changes))
+
+    # -- whose copies --------------------------------------------------------------------------
+
+    def lineage(self, status: OffsiteStatus, listing: OffsiteListing) -> frozenset[str]:
+        """The copies in ``listing`` this setup rotates: uploaded from here, or adopted.
+
+        A state file without ``own_copies`` (an earlier version's) adopts the copies whose
+        backups are still here (by time stamp) and its recorded last upload; the rest is of
+        unknown origin (the module's docstring says why).
+        """
+        listed = listing.names
+        if status.own_copies is not None:
+            return status.own_copies & listed
+        here = {_stem(backup.name) for backup in self.backups.list()}
+        if status.last_upload_name:
+            here.add(_stem(status.last_upload_name))
+        return frozenset(name for name in listed if _stem(name) in here)
+
+    def adopt(self, restored: str) -> int | None:
+        """After a restore from the off-site copy ``restored``: unless it is this setup's
+        already, every copy listed now becomes this setup's (rotated from now on), and
+        ``restored`` stays off-site until a routine backup taken after now is there too.
+
+        Returns how many copies were adopted (0: ``restored`` is this setup's), or None when
+        the storage could not be listed: nothing changes then (every copy is kept).
+        """
+        limits = Limits()
+        try:
+            with self._locked(limits):
+                status = self.status()
+                listing = self.listing(self.storage(limits))
+                owned = self.lineage(status, listing)
+                if restored in owned:
+                    return 0
+                adopted = listing.names - owned
+                self._update(
+                    own_copies=listing.names,
+                    foreign_copies=0,
+                    adopted_from=restored,
+                    adopted_at=self._clock(),
+                )
+        except (BackupError, OSError, Interrupted) as error:
+            log.warning(
+                "restored from %s, but the copies in %s were not adopted (%s): they are all "
+                "kept, never rotated; `dbkeeper backup list --offsite` names them",
+                restored,
+                self.where,
+                _text(error),
+            )
+            return None
+        self._foreign_logged = 0
+        log.info(
+            "adopted %d off-site cop%s in %s (the restore of %s chose them): rotated with this "
+            "setup's from now on; %s is kept until a backup taken after the restore is there",
+            len(adopted),
+            "y" if len(adopted) == 1 else "ies",
+            self.where,
+            restored,
+            restored,
+        )
+        return len(adopted)
 
     # -- listing ---------------------------------------------------------------------------------
 
@@ -414,10 +542,14 @@ class OffsiteCopies:
         started = time.monotonic()
         try:
             with self._locked(limits):
-                report = self._sync(limits)
+                try:
+                    report = self._sync(limits)
+                except (BackupError, OSError) as error:  # the listing: recorded under the lock
+                    report = UploadReport(failure=self._failure_text(error), where=self.where)
+                    self._record(report)
         except Interrupted as why:
             report = UploadReport(deferred=f"the off-site upload {why}", where=self.where)
-        except (BackupError, OSError) as error:
+        except (BackupError, OSError) as error:  # the lock
             report = UploadReport(failure=self._failure_text(error), where=self.where)
             self._record(report)
         if report.deferred:
@@ -458,9 +590,20 @@ class OffsiteCopies:
     def _sync(self, limits: Limits) -> UploadReport:
         storage = self.storage(limits)
         listing = self.listing(storage)
-        copied = {_stem(copy.name) for copy in listing.copies}
+        status = self.status()
+        owned = set(self.lineage(status, listing))
+        if status.own_copies is None:
+            log.info(
+                "adopted %d of the %d copies in %s as uploaded from here (their backups are "
+                "here, or the last upload; the state file predates this record)",
+                len(owned),
+                len(listing.copies),
+                self.where,
+            )
+        mine = [copy for copy in listing.copies if copy.name in owned]
+        copied = {_stem(copy.name) for copy in listing.copies}  # never overwrite anyone's
         local = [b for b in self.backups.list() if _stem(b.name) not in copied]
-        doomed = self._doomed([copy.backup for copy in listing.copies] + local)
+        doomed = self._doomed([copy.backup for copy in mine] + local, status)
         pending = [b for b in local if b.name not in doomed]
         uploaded: list[OffsiteCopy] = []
         failure: str | None = None
@@ -468,6 +611,8 @@ class OffsiteCopies:
         for backup in pending:  # newest first: the most valuable copy goes first
             try:
                 limits.check()
+                owned.add(backup.name)  # claimed before its manifest can exist (a crash)
+                self._update(own_copies=frozenset(owned))
                 uploaded.append(self._upload(storage, backup, limits))
             except Interrupted as why:
                 deferred = f"the off-site upload {why}"
@@ -480,13 +625,15 @@ class OffsiteCopies:
         copies = sorted(
             [*listing.copies, *uploaded], key=lambda copy: copy.backup.created_at, reverse=True
         )
+        mine = [copy for copy in copies if copy.name in owned]
         rotated: list[str] = []
         if deferred is None:
             try:
-                rotated = self._rotate(storage, copies, listing)
+                rotated = self._rotate(storage, mine, listing, status)
             except (BackupError, OSError) as error:
                 failure = failure or f"rotating the copies in {self.where} failed: {_text(error)}"
         kept = [copy for copy in copies if copy.name not in rotated]
+        foreign = [copy for copy in kept if copy.name not in owned]
         report = UploadReport(
             uploaded=uploaded,
             rotated=rotated,
@@ -495,17 +642,44 @@ class OffsiteCopies:
             copies=len(kept),
             total_bytes=sum(copy.size_bytes for copy in kept),
             where=self.where,
+            foreign=len(foreign),
         )
-        self._record(report)
+        lineage: dict[str, Any] = {
+            "own_copies": frozenset(owned - set(rotated)),
+            "foreign_copies": len(foreign),
+        }
+        if status.adopted_from and not self._protected(status, [c.backup for c in mine]):
+            lineage.update(adopted_from="", adopted_at=None)  # a newer backup is there
+        self._record(report, **lineage)
+        if foreign and len(foreign) != self._foreign_logged:
+            log.warning(
+                "%s: %s (a new machine started before its restore, or a lost %s)",
+                self.where,
+                foreign_note(len(foreign)),
+                STATE_NAME,
+            )
+        self._foreign_logged = len(foreign)
         return report
 
-    def _doomed(self, backups: Sequence[Backup]) -> set[str]:
-        """Names the rotation would remove from ``backups`` (both pools)."""
+    def _protected(self, status: OffsiteStatus, backups: Sequence[Backup]) -> frozenset[str]:
+        """The copy a restore adopted, while no routine backup taken after it is among
+        ``backups``: until then it may be the only copy of the restored data off-site."""
+        adopted_at = status.adopted_at
+        if not status.adopted_from or adopted_at is None:
+            return frozenset()
+        if status.adopted_from not in {backup.name for backup in backups}:
+            return frozenset()
+        if any(b.reason in ROUTINE_REASONS and b.created_at > adopted_at for b in backups):
+            return frozenset()
+        return frozenset([status.adopted_from])
+
+    def _doomed(self, backups: Sequence[Backup], status: OffsiteStatus) -> set[str]:
+        """Names the rotation would remove from ``backups`` (both pools; this setup's only)."""
         ordered = sorted(backups, key=lambda backup: backup.created_at, reverse=True)
         doomed: set[str] = set()
         for reason in (ROUTINE_REASONS[0], SAFETY_REASONS[0]):
             doomed.update(backup.name for backup in to_rotate(ordered, reason, self.keep))
-        return doomed
+        return doomed - self._protected(status, ordered)
 
     def _upload(self, storage: ObjectStorage, backup: Backup, limits: Limits) -> OffsiteCopy:
         """Upload one backup, prove the stored object, then commit its manifest."""
@@ -592,12 +766,16 @@ class OffsiteCopies:
             raise StorageError(f"the uploaded copy of {name} failed verification: {problem}")
 
     def _rotate(
-        self, storage: ObjectStorage, copies: list[OffsiteCopy], listing: OffsiteListing
+        self,
+        storage: ObjectStorage,
+        copies: list[OffsiteCopy],
+        listing: OffsiteListing,
+        status: OffsiteStatus,
     ) -> list[str]:
-        """The local rotation policy, off-site; plus what failed uploads and replaced copies
-        left behind."""
+        """The local rotation policy over this setup's ``copies``; plus what failed uploads
+        and replaced copies left behind."""
         rotated = []
-        for name in sorted(self._doomed([copy.backup for copy in copies])):
+        for name in sorted(self._doomed([copy.backup for copy in copies], status)):
             copy = next(copy for copy in copies if copy.name == name)
             storage.delete(key_of_manifest(name))  # the copy is gone from listings first
             storage.delete(copy.object_key)
@@ -621,11 +799,12 @@ class OffsiteCopies:
                 log.info("removed %s off-site: an upload that never completed", orphan.key)
         return rotated
 
-    def _record(self, report: UploadReport) -> None:
+    def _record(self, report: UploadReport, **lineage: Any) -> None:
+        """The outcome of a sync, and (``lineage``) whose copies are off-site now."""
         previous = self.status()
         now = self._clock()
         newest = report.uploaded[0] if report.uploaded else None
-        status = replace(previous)
+        status = replace(previous, **lineage)
         if newest is not None:
             status = replace(
                 status, last_upload_at=newest.uploaded_at, last_upload_name=newest.name
@@ -796,4 +975,5 @@ __all__ = [
     "OffsiteListing",
     "OffsiteStatus",
     "UploadReport",
+    "foreign_note",
 ]
