@@ -110,7 +110,7 @@ def test_the_dashboard_is_importable_and_asks_for_its_data_source() -> None:
 async def test_every_metric_the_rules_and_the_dashboard_read_is_exported(
     sqlite_url: str, make_settings: SettingsFactory, tmp_path: Path
 ) -> None:
-    """With the features the rules watch switched on (off-site copies)."""
+    """With every feature the rules watch switched on: off-site copies and replication."""
     wanted = {
         name
         for expr in [rule["expr"] for rule in _rules()] + _dashboard_expressions()
@@ -123,6 +123,7 @@ async def test_every_metric_the_rules_and_the_dashboard_read_is_exported(
         sqlite_url,
         health={"http_port": free_port(), "http_cache_seconds": 0.01, "interval_seconds": 1},
         offsite={"url": f"file://{offsite}"},
+        replication={"enabled": True, "sync_interval_seconds": 0.2},
     )
     async with running_host(settings) as (host, plugin):
         await plugin.backup_now()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tests.conftest import SettingsFactory, require_tool
 from tests.support import browser
+from tests.support.backups import add_users
 from tests.support.hosts import free_port, get, running_host
 
 TOKEN = "status-page-token-0123456789"
@@ -141,3 +142,71 @@ async def test_the_page_reads_on_a_phone_without_sideways_scrolling(
     assert page_width <= screen, "the page scrolls sideways on a phone"
     assert text_size >= 14  # the viewport meta keeps the text readable, not zoomed out
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_the_page_shows_the_off_site_copies_and_the_replication_lag(
+    tmp_path: Path, make_settings: SettingsFactory
+) -> None:
+    """Everything on (off-site copies, Litestream replication to another directory): the
+    backups copied off-site are marked in the table and on the timeline, and the replication
+    section draws the lag against its limit."""
+    require_tool(browser.missing())
+    (tmp_path / "offsite").mkdir()
+    settings = make_settings(
+        f"sqlite:///{tmp_path / 'data' / 'bot.db'}",
+        health={"http_port": free_port(), "http_cache_seconds": 0.01},
+        offsite={"url": f"file://{tmp_path / 'offsite'}"},
+        replication={"enabled": True, "sync_interval_seconds": 0.2, "max_lag_seconds": 5},
+    )
+    async with running_host(settings) as (host, plugin):
+        assert plugin.uploads is not None
+        add_users(plugin.operations, 20)
+        await plugin.backup_now()
+        await plugin.uploads.wait()
+        for _ in range(3):  # a few points of lag
+            await host.monitor.check()
+        url = f"http://127.0.0.1:{host.http.port}/"
+
+        def look() -> dict[str, object]:
+            with browser.chromium() as page:
+                page.open(url)
+                page.wait_for("#checks tr.check")
+                sections = page.script(
+                    "return Array.from(document.querySelectorAll('section h2'))"
+                    ".map(h => h.textContent)"
+                )
+                return {
+                    "sections": sections,
+                    "offsite": page.text("#offsite"),
+                    "headers": page.script(
+                        "return Array.from(document.querySelectorAll('tr.backup')[0]"
+                        ".closest('table').querySelectorAll('th')).map(th => th.textContent)"
+                    ),
+                    "copied": page.script(
+                        "return Array.from(document.querySelectorAll('tr.backup'))"
+                        ".map(r => r.lastElementChild.textContent)"
+                    ),
+                    "marks": len(page.find_all("svg.timeline circle.mark.offsite")),
+                    "lag": page.script(
+                        "const h = Array.from(document.querySelectorAll('section h2'))"
+                        ".find(h => h.textContent === 'Replication');"
+                        "const s = h.closest('section');"
+                        "return [s.querySelectorAll('svg.chart polyline.series').length,"
+                        " s.querySelectorAll('svg.chart line.limit').length, s.textContent]"
+                    ),
+                    "shot": page.screenshot(tmp_path / "everything.png"),
+                }
+
+        import asyncio
+
+        seen = await asyncio.to_thread(look)
+    assert "Replication" in seen["sections"]
+    assert str(seen["offsite"]).startswith(f"Off-site (file://{tmp_path / 'offsite'}/backups): ")
+    assert "| 1 copy |" in str(seen["offsite"])
+    assert seen["headers"] == ["name", "reason", "taken", "size", "schema", "off-site"]
+    assert seen["copied"] == ["✓"]  # the one backup, copied off-site
+    assert seen["marks"] == 1
+    series, limit, text = seen["lag"]  # type: ignore[misc]
+    assert series == 1 and limit == 1, text
+    assert "lag " in text and "dbkeeper backup restore --latest" in text
+    assert f"file://{tmp_path / 'offsite'}/replica" in text

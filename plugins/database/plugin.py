@@ -131,7 +131,7 @@ class DatabasePlugin(Plugin):
         )
         self.health.register(context)
         if not context.one_shot:  # the status page: schema and backups first
-            sections = StatusSections(self.health, ops.backups)
+            sections = StatusSections(self.health, ops.backups, ops.offsite)
             context.add_status_section("Schema and migrations", sections.schema)
             context.add_status_section("Backups", sections.backups_section)
         self.care = Care(ops.database, ops.backups, context.settings, one_shot=context.one_shot)

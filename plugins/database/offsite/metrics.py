@@ -1,7 +1,8 @@
 """The replication's Prometheus metrics, read from the last health report (no work of its own).
 
 ``dbkeeper_replication_lag_seconds``, ``_last_sync_timestamp_seconds``, ``_up``,
-``_drill_last_success_timestamp_seconds``; none on a standby (it does not replicate).
+``_max_lag_seconds``, ``_drill_last_success_timestamp_seconds``; none on a standby (it does not
+replicate).
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ FROM_CHECK = {
         "When the replica was last caught up (unix time).",
     ),
     "up": ("replication_up", "1 while Litestream runs and answers, else 0."),
+    "max_lag_seconds": (
+        "replication_max_lag_seconds",
+        "[replication] max_lag_seconds: the replication check is unhealthy past this lag.",
+    ),
     "drill_last_success_timestamp_seconds": (
         "replication_drill_last_success_timestamp_seconds",
         "When the last successful restore drill ran (unix time).",

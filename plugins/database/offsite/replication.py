@@ -91,6 +91,7 @@ SHUTDOWN_RESERVE_SECONDS = 0.5  # of the shutdown budget, left for alerts after 
 DRILL_JOB = "database-replication-drill"
 FIRST_DRILL_SECONDS = 300.0  # a database never drilled: this long after the start
 TAIL_LINES = 40
+LAG_POINTS = 2880  # the lag of the last 2880 checks (10 days at the default 5 minutes)
 GUARDIAN = Path(__file__).with_name("guardian.py")
 ALERT_KEY = "database.replication"
 INFO_EVENTS = ('msg="snapshot complete"', 'msg="detected database behind replica"')
@@ -504,6 +505,10 @@ class Replication:
         self._leading = False
         self._drill_stop = threading.Event()  # set at shutdown: a drill gives up
         self._drill_task: asyncio.Task[DrillResult | None] | None = None
+        # (unix time, lag) of each check while leading: the status page's chart
+        self.lag_history: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=LAG_POINTS
+        )
 
     @property
     def applies(self) -> bool:
@@ -521,6 +526,10 @@ class Replication:
         from .metrics import ReplicationMetrics
 
         context.add_metrics(ReplicationMetrics(lambda: context.last_health_report))
+        if not context.one_shot:
+            from .replication_status import replication_section
+
+            context.add_status_section("Replication", lambda: replication_section(self))
 
     # -- startup and shutdown -------------------------------------------------------------------
 
@@ -651,11 +660,15 @@ class Replication:
             return healthy(f"standing by: {leader or 'the leader'} replicates")
         state = await self.state()
         drill = await asyncio.to_thread(last_drill, self.database)
-        values: dict[str, float] = {"up": 1.0 if state.running else 0.0}
+        values: dict[str, float] = {
+            "up": 1.0 if state.running else 0.0,
+            "max_lag_seconds": self.settings.max_lag_seconds,
+        }
         if state.last_sync is not None:
             values["last_sync_timestamp_seconds"] = state.last_sync.timestamp()
         if state.lag_seconds is not None:
             values["lag_seconds"] = round(state.lag_seconds, 3)
+            self.lag_history.append((time.time(), state.lag_seconds))
         if drill is not None and drill.ok:
             values["drill_last_success_timestamp_seconds"] = drill.at.timestamp()
         limit = self.settings.max_lag_seconds
