@@ -4,6 +4,8 @@ timeline, a chart, a screenshot; behind the token beyond loopback; fresh or stal
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import SettingsFactory, require_tool
@@ -12,6 +14,7 @@ from tests.support.backups import add_users
 from tests.support.hosts import free_port, get, running_host
 
 TOKEN = "status-page-token-0123456789"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def test_the_page_shows_checks_backups_and_a_chart_in_a_real_browser(
@@ -104,9 +107,12 @@ async def test_no_secret_and_no_users_data_on_the_page(
         await plugin.backup_now()
         import aiohttp
 
-        async with aiohttp.ClientSession() as session, session.get(
-            f"http://127.0.0.1:{host.http.port}/", headers={"Authorization": f"Bearer {TOKEN}"}
-        ) as answer:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                f"http://127.0.0.1:{host.http.port}/", headers={"Authorization": f"Bearer {TOKEN}"}
+            ) as answer,
+        ):
             page = await answer.text()
     assert answer.status == 200
     for secret in (TOKEN, "AAExampleExampleExampleExampleExam", "Private Person Name"):
@@ -210,3 +216,40 @@ async def test_the_page_shows_the_off_site_copies_and_the_replication_lag(
     assert series == 1 and limit == 1, text
     assert "lag " in text and "dbkeeper backup restore --latest" in text
     assert f"file://{tmp_path / 'offsite'}/replica" in text
+
+
+def test_the_readme_picture_is_taken_by_the_documented_command(tmp_path: Path) -> None:
+    """The README shows docs/status-page.png and says which command takes it again: that
+    command captures a full page of a running bot (backups, off-site, replication)."""
+    require_tool(browser.missing())
+    readme = (ROOT / "README.md").read_text()
+    assert "](docs/status-page.png)" in readme
+    assert "`.venv/bin/python docs/status_page_screenshot.py`" in readme
+    committed = (ROOT / "docs" / "status-page.png").read_bytes()
+    assert committed[:8] == b"\x89PNG\r\n\x1a\n"
+    shot = tmp_path / "shot.png"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "docs" / "status_page_screenshot.py"),
+            "--out",
+            str(shot),
+            "--root",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    width, height = struct.unpack(">II", shot.read_bytes()[16:24])
+    assert width == 1100 and height > 1500  # the whole page, not the window
+    assert not (tmp_path / "demo").exists()  # the demo bot is gone
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "status_page_screenshot.py"), "--root", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0 and "is not empty" in refused.stderr
+    assert shot.exists()  # nothing of an existing directory was touched
