@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -20,6 +20,9 @@ from ..offsite.checks import summary as offsite_summary
 from ..offsite.uploads import foreign_note
 from .db import operations
 from .offsite import echo_upload, list_offsite
+
+if TYPE_CHECKING:
+    from ..backup.restore import RestoreReport
 
 LABELS = {
     "snapshot": "copying the database",
@@ -274,6 +277,11 @@ def restore(
             f"adopted the {count} cop{'y' if count == 1 else 'ies'} in {ops.offsite.where} "
             "not uploaded from here: rotated with this machine's from now on ([backup] keep)"
         )
+    echo_aftermath(report)
+
+
+def echo_aftermath(report: RestoreReport) -> None:
+    """What a restore did after the swap: the migration forward, where the old database is."""
     migration = report.reopened
     if migration is not None and migration.steps:
         click.echo(f"migrated it v{migration.from_version} -> v{migration.to_version}")
@@ -318,11 +326,4 @@ def restore_replica(obj: CliContext, at: datetime | None, yes: bool) -> None:
         progress.close()
         ops.close()
     click.echo(f"restored {position.describe()} (schema v{report.schema_version})")
-    migration = report.reopened
-    if migration is not None and migration.steps:
-        click.echo(f"migrated it v{migration.from_version} -> v{migration.to_version}")
-    if report.safety is not None:
-        click.echo(
-            f"the previous database is saved as {report.safety.name}; "
-            f"`dbkeeper backup restore {report.safety.name}` puts it back"
-        )
+    echo_aftermath(report)
