@@ -16,7 +16,7 @@ Plugins add their own with :meth:`Metrics.register` (the database plugin: ``dbke
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from dbkeeper.alerts import Alerter
+from dbkeeper.health import CheckResult, HealthReport
 from dbkeeper.monitor import HealthMonitor
 
 PREFIX = "dbkeeper"
@@ -32,6 +33,41 @@ PREFIX = "dbkeeper"
 
 def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
+
+
+class CheckGauges(Collector):
+    """Gauges read from one check's values in the last health report (no work of its own).
+
+    ``gauges``: value name -> (metric name without the prefix, documentation); a value the
+    check did not report is left out. ``silent``: no metric at all for such a result (a standby
+    that does not do the work).
+    """
+
+    def __init__(
+        self,
+        check: str,
+        gauges: Mapping[str, tuple[str, str]],
+        last_report: Callable[[], HealthReport | None],
+        *,
+        silent: Callable[[CheckResult], bool] = lambda result: False,
+    ) -> None:
+        self.check, self.gauges, self.last_report, self.silent = check, gauges, last_report, silent
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def result(self) -> CheckResult | None:
+        report = self.last_report()
+        result = report.checks.get(self.check) if report is not None else None
+        return None if result is None or self.silent(result) else result
+
+    def collect(self) -> Iterator[Metric]:
+        result = self.result()
+        if result is None:
+            return
+        for value, (name, documentation) in self.gauges.items():
+            if value in result.values:
+                yield gauge(name, documentation, result.values[value])
 
 
 class Metrics:

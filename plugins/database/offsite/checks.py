@@ -15,14 +15,13 @@ Metrics (from the last health report, like the database plugin's others):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from dbkeeper.health import HealthReport, Outcome, degraded, healthy, unhealthy
-from dbkeeper.metrics import PREFIX, gauge
+from dbkeeper.metrics import PREFIX, CheckGauges
 from dbkeeper.plugin import PluginContext
 from dbkeeper.texts import duration, megabytes
 
@@ -118,22 +117,16 @@ GAUGES = {
 }
 
 
-class OffsiteMetrics(Collector):
-    def __init__(self, last_report: Callable[[], HealthReport | None]) -> None:
-        self.last_report = last_report
+class OffsiteMetrics(CheckGauges):
+    """``dbkeeper_offsite_*`` from the last ``offsite`` check, and the failed uploads' counter."""
 
-    def describe(self) -> Iterable[Metric]:
-        return []
+    def __init__(self, last_report: Callable[[], HealthReport | None]) -> None:
+        super().__init__(CHECK, GAUGES, last_report)
 
     def collect(self) -> Iterator[Metric]:
-        report = self.last_report()
-        check = report.checks.get(CHECK) if report is not None else None
-        if check is None:
-            return
-        for value_name, (metric, documentation) in GAUGES.items():
-            if value_name in check.values:
-                yield gauge(metric, documentation, check.values[value_name])
-        if "upload_failures_total" in check.values:
+        yield from super().collect()
+        check = self.result()
+        if check is not None and "upload_failures_total" in check.values:
             yield CounterMetricFamily(
                 f"{PREFIX}_offsite_upload_failures",
                 "Off-site uploads that failed (recorded beside the backups, across restarts).",

@@ -7,13 +7,10 @@ replicate).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-
-from prometheus_client.core import Metric
-from prometheus_client.registry import Collector
+from collections.abc import Callable
 
 from dbkeeper.health import HealthReport, Status
-from dbkeeper.metrics import gauge
+from dbkeeper.metrics import CheckGauges
 
 FROM_CHECK = {
     "lag_seconds": (
@@ -36,20 +33,11 @@ FROM_CHECK = {
 }
 
 
-class ReplicationMetrics(Collector):
-    """``dbkeeper_replication_*`` from the last health report (no work of its own)."""
-
-    def __init__(self, last_report: Callable[[], HealthReport | None]) -> None:
-        self.last_report = last_report
-
-    def describe(self) -> Iterable[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        report = self.last_report()
-        check = report.checks.get("replication") if report is not None else None
-        if check is None or (check.status is Status.HEALTHY and "standing by" in check.message):
-            return
-        for value, (name, documentation) in FROM_CHECK.items():
-            if value in check.values:
-                yield gauge(name, documentation, check.values[value])
+def replication_metrics(last_report: Callable[[], HealthReport | None]) -> CheckGauges:
+    """``dbkeeper_replication_*``; none on a standby (it does not replicate)."""
+    return CheckGauges(
+        "replication",
+        FROM_CHECK,
+        last_report,
+        silent=lambda check: check.status is Status.HEALTHY and "standing by" in check.message,
+    )

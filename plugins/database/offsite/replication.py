@@ -523,9 +523,9 @@ class Replication:
         self.one_shot = context.one_shot
         context.add_secret(*(os.environ.get(name) for name in CREDENTIAL_VARIABLES))
         context.add_check("replication", self.check, failing_as="cannot read the replication state")
-        from .metrics import ReplicationMetrics
+        from .metrics import replication_metrics
 
-        context.add_metrics(ReplicationMetrics(lambda: context.last_health_report))
+        context.add_metrics(replication_metrics(lambda: context.last_health_report))
         if not context.one_shot:
             from .replication_status import replication_section
 
