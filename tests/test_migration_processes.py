@@ -224,17 +224,15 @@ def test_a_signal_while_waiting_for_the_migration_lock_stops_at_once(
     gate.mkdir()
     config = _config(tmp_path, database_url, scripts_dir)
     env = {"DBKEEPER_GATE_DIR": str(gate)}
-    with (
-        BotProcess(["--config", str(config), "db", "migrate"], cwd=tmp_path, env=env) as holder,
-        BotProcess(["--config", str(config), "run"], cwd=tmp_path, env=env) as bot,
-    ):
-        _wait_for_files(gate, "entered-*", 1)
+    with BotProcess(["--config", str(config), "db", "migrate"], cwd=tmp_path, env=env) as holder:
+        _wait_for_files(gate, "entered-*", 1)  # the bot starts once `db migrate` holds the lock
         assert int(next(gate.glob("entered-*")).name.split("-")[1]) == holder.pid
-        bot.wait_for_line("another process is migrating this database")
-        signalled = time.monotonic()
-        bot.send(signal.SIGTERM)
-        code = bot.wait(30)
-        took = time.monotonic() - signalled
+        with BotProcess(["--config", str(config), "run"], cwd=tmp_path, env=env) as bot:
+            bot.wait_for_line("another process is migrating this database")
+            signalled = time.monotonic()
+            bot.send(signal.SIGTERM)
+            code = bot.wait(30)
+            took = time.monotonic() - signalled
         (gate / "release").touch()
         assert holder.wait(60) == 0, holder.output
     assert took < SHUTDOWN_BUDGET and code == 0, bot.output
