@@ -17,16 +17,19 @@ Plugins add their own with :meth:`Metrics.register` (the database plugin: ``dbke
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
-from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from dbkeeper.alerts import Alerter
 from dbkeeper.health import CheckResult, HealthReport
-from dbkeeper.monitor import HealthMonitor
+
+if TYPE_CHECKING:  # the host's parts: plugins' collectors (and the CLI) import this module
+    from aiohttp.typedefs import Handler
+
+    from dbkeeper.alerts import Alerter
+    from dbkeeper.monitor import HealthMonitor
 
 PREFIX = "dbkeeper"
 
@@ -80,6 +83,8 @@ class Metrics:
         self.registry.register(collector)
 
     def handler(self) -> Handler:
+        from prometheus_client.aiohttp import make_aiohttp_handler
+
         return make_aiohttp_handler(self.registry)
 
     def text(self) -> str:
