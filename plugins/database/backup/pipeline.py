@@ -494,13 +494,18 @@ class Backups:
             return done
         # It waits for a full check (the shutdown backup's, at the start after it) rather than
         # interrupting it: the check then reads the raw file, and nothing is decompressed.
-        with self.exclusive("deferred compression", wait=True, limits=limits, preempt=False):
-            for backup in pending:
-                if limits.stopped():
-                    break
-                compressed = self._compress_deferred(backup, limits, no_progress)
-                if compressed is not None:
-                    done.append(compressed)
+        try:
+            with self.exclusive("deferred compression", wait=True, limits=limits, preempt=False):
+                for backup in pending:
+                    if limits.stopped():
+                        break
+                    compressed = self._compress_deferred(backup, limits, no_progress)
+                    if compressed is not None:
+                        done.append(compressed)
+        except BackupError:
+            if not limits.stopped():
+                raise
+            log.info("deferred compression stopped while waiting: it runs at the next start")
         return done
 
     def _compress_deferred(

@@ -185,14 +185,14 @@ def list_backups(obj: CliContext, offsite: bool) -> None:
     if backups:
         click.echo(
             f"{'name':<36} {'taken (UTC)':<19}  {'reason':<13} {'size':>9}  {'schema':>6}  "
-            f"{'full check':<26} rows"
+            f"{'full check':<27} rows"
         )
         for info in backups:
             pending = f" (to {info.pending_compression})" if info.pending_compression else ""
             click.echo(
                 f"{info.name:<36} {info.created_at:%Y-%m-%d %H:%M:%S}  {info.reason:<13} "
                 f"{size(info.size_bytes):>9}  {'v' + str(info.schema_version):>6}  "
-                f"{info.full_check_text:<26} {info.rows:,}{pending}"
+                f"{info.full_check_text:<27} {info.rows:,}{pending}"
             )
         assert stats.newest is not None and stats.oldest is not None
         click.echo(
