@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dbkeeper.backup")
 NICE = 19  # the lowest priority: the check waits for whatever else wants the CPU
 STOP_SECONDS = 5.0  # how long ``stop`` waits for a running check to give up
+FINISHED_KEPT = 100  # results remembered for ``wait_for``
 
 
 def lower_priority() -> bool:
@@ -71,6 +72,7 @@ class FullChecks:
         self._backups = backups
         self._cond = threading.Condition()
         self._requested = False
+        self._idle = False  # the thread waits for a request, nothing left to check
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._yield = threading.Event()  # set by whoever wants the directory the check holds
@@ -143,11 +145,12 @@ class FullChecks:
         self._drop_scratch()
 
     def wait_for(self, name: str, timeout: float | None = None) -> Backup | None:
-        """Block until backup ``name``'s check has a result (None: stopped, or timed out)."""
+        """Block until backup ``name``'s check has a result (None: stopped, timed out, or
+        done with everything without checking it: gone, or left pending)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while name not in self.finished:
-                if not self.accepting:
+                if not self.accepting or (self._idle and not self._requested):
                     return None
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -161,7 +164,10 @@ class FullChecks:
             while not self._stop.is_set():
                 with self._cond:
                     while not self._requested and not self._stop.is_set():
+                        self._idle = True
+                        self._cond.notify_all()
                         self._cond.wait()
+                    self._idle = False
                     self._requested = False
                 if not self._stop.is_set():
                     self._pass()
@@ -216,6 +222,8 @@ class FullChecks:
             return False
         with self._cond:
             self.finished[backup.name] = result
+            while len(self.finished) > FINISHED_KEPT:
+                del self.finished[next(iter(self.finished))]
             self._cond.notify_all()
         if result.full_check == "failed" and self.on_failure is not None:
             try:
