@@ -282,6 +282,36 @@ async def test_the_shutdown_backup_leaves_its_full_check_to_the_next_start(
         await restarted.stop(Deadline.after(9))
 
 
+async def test_a_raw_shutdown_backup_is_checked_and_compressed_at_the_next_start(
+    sqlite_url: str, make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dbkeeper.plugins.database.backup import pipeline
+
+    monkeypatch.setitem(pipeline.ASSUMED_RATES, "gzip", 1.0)  # compressing never fits
+    settings = make_settings(sqlite_url, backup={"compress_min_bytes": 0, "compression": "gzip"})
+    plugin = DatabasePlugin(settings)
+    await plugin.start()
+    add_users(plugin.operations, 50)
+    await plugin.stop(Deadline.after(9))
+    [raw] = plugin.backups.list()
+    assert (raw.pending_compression, raw.full_check) == ("gzip", "pending")
+
+    restarted = DatabasePlugin(make_settings(sqlite_url, backup={"on_shutdown": False}))
+    await restarted.start()
+    try:
+        assert restarted._deferred is not None
+        await restarted._deferred  # the deferred compression, after or before the check
+        deadline = time.monotonic() + 30
+        while (packed := restarted.backups.list()[0]).full_check == "pending":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        # Neither result is lost to the other: compressed, and fully checked.
+        assert packed.name == raw.name + ".gz" and packed.pending_compression is None
+        assert packed.full_check == "passed" and packed.full_check_at is not None
+    finally:
+        await restarted.stop(Deadline.after(9))
+
+
 async def test_a_full_check_pending_for_long_is_reported(
     sqlite_url: str, make_settings: SettingsFactory
 ) -> None:

@@ -496,7 +496,8 @@ class Backups:
         # interrupting it: the check then reads the raw file, and nothing is decompressed.
         try:
             with self.exclusive("deferred compression", wait=True, limits=limits, preempt=False):
-                for backup in pending:
+                # Read again: a full check may have recorded its result meanwhile.
+                for backup in [b for b in self.list() if b.pending_compression]:
                     if limits.stopped():
                         break
                     compressed = self._compress_deferred(backup, limits, no_progress)
