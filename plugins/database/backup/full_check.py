@@ -294,6 +294,10 @@ class FullChecks:
             log.info("backup %s passed its full integrity check in %.2fs", backup.name, seconds)
         return result
 
+    def drop_kept(self) -> None:
+        """Remove the raw copies kept for checks not running yet (a new backup starts)."""
+        self._drop_scratch()
+
     def _drop_scratch(self, name: str | None = None) -> None:
         with self._cond:
             names = [name] if name is not None else list(self._scratch)

@@ -296,9 +296,10 @@ class Backups:
                     f"there is no database at {self.engine.source()}: nothing to back up"
                 )
             self.store.ensure()
-            # We hold the directory: nobody writes them (a raw copy kept for a full check is
-            # not a leftover).
-            for leftover in self.store.leftovers(self.full_checks.in_use()):
+            # A raw copy still kept for a full check that did not start goes first: the disk
+            # never holds two raw copies (that check decompresses its backup instead).
+            self.full_checks.drop_kept()
+            for leftover in self.store.leftovers():  # we hold the directory: nobody writes them
                 remove(leftover)
             created_at, stem = self.store.claim_time(self._clock, self._sleep)
             log.info("backup %s (%s) started", stem, reason)
