@@ -402,11 +402,13 @@ def test_a_running_bot_alerts_a_failed_full_check_and_dbstats_shows_it(tmp_path:
         with BotProcess(["run"], cwd=tmp_path) as bot:
             bot.wait_for_line("dbkeeper is running")
             api.push_command("/backup", user_id=admin)
+            answer = api.wait_for_message("✅ Backup", chat_id=admin)
             alert = api.wait_for_message("failed its full integrity check", chat_id=admin)
             api.push_command("/dbstats", user_id=admin)
             stats = api.wait_for_message("FAILED its full integrity check", chat_id=admin)
             _code, health = run_cli(["health"], cwd=tmp_path)
             assert bot.stop() == 0
+    assert "Verified: quick_check ok (the full integrity check runs now" in answer["text"]
     assert "missing from index notes_by_a" in alert["text"]
     assert "marked damaged and kept" in alert["text"]
     assert "Full integrity check: no backup has passed yet" in stats["text"]

@@ -302,12 +302,18 @@ def format_care(care: CareSummary) -> list[str]:
 
 
 def format_backup(info: Backup) -> str:
+    checked = (
+        "quick_check ok (the full integrity check runs now, in the background: an alert if "
+        "it fails)"
+        if info.full_check == "pending"
+        else "integrity ok"
+    )
     return (
         f"✅ Backup <code>{escape(info.name)}</code>\n"
         f"{megabytes(info.size_bytes)} ({escape(info.compression)}) in "
         f"{info.duration_seconds:.1f}s · schema v{info.schema_version} · "
         f"{len(info.tables)} tables, {info.rows:,} rows\n"
-        f"Verified: integrity ok, sha256 <code>{info.sha256[:16]}</code>…"
+        f"Verified: {checked}, sha256 <code>{info.sha256[:16]}</code>…"
     )
 
 
