@@ -413,3 +413,31 @@ def test_a_running_bot_alerts_a_failed_full_check_and_dbstats_shows_it(tmp_path:
     assert "marked damaged and kept" in alert["text"]
     assert "Full integrity check: no backup has passed yet" in stats["text"]
     assert "failed the full integrity check and is marked damaged" in health, health
+
+
+# -- the read-back of a zstd file ---------------------------------------------------------------
+
+
+def test_the_zstd_read_back_catches_a_flipped_byte_through_the_frame_checksum(
+    tmp_path: Path,
+) -> None:
+    import zstandard
+
+    from dbkeeper.plugins.database.backup.compression import CorruptData, compress, read_back
+
+    source = tmp_path / "copy.db"
+    source.write_bytes(os.urandom(3 << 20))  # incompressible: stored as raw blocks, so only
+    packed = tmp_path / "copy.db.zst"  # the content checksum can tell a flipped byte
+    content, file = compress(source, packed, "zstd")
+    assert read_back(packed, "zstd") == (file, content.bytes)
+
+    data = bytearray(packed.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    packed.write_bytes(bytes(data))
+    with pytest.raises(CorruptData, match="damaged"):
+        read_back(packed, "zstd")
+    # A frame without a content checksum cannot prove anything: refused.
+    unchecked = tmp_path / "unchecked.zst"
+    unchecked.write_bytes(zstandard.ZstdCompressor(write_checksum=False).compress(b"x" * 1000))
+    with pytest.raises(CorruptData, match="no content checksum"):
+        read_back(unchecked, "zstd")
