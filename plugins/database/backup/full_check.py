@@ -76,7 +76,6 @@ class FullChecks:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._yield = threading.Event()  # set by whoever wants the directory the check holds
-        self._holding = False  # the check holds the backup directory (it may be asked to yield)
         self._scratch: dict[str, Path] = {}  # backup name -> its raw copy, kept for its check
         self.checking: str | None = None  # the backup being checked right now
         self.finished: dict[str, Backup] = {}  # the last results, by name (``wait_for``)
@@ -112,13 +111,6 @@ class FullChecks:
         with self._cond:
             self._requested = True
             self._cond.notify_all()
-
-    def preempt(self) -> bool:
-        """Ask a check holding the backup directory to give it up; True when one does."""
-        if self._holding:
-            self._yield.set()
-            return True
-        return False
 
     # -- running --------------------------------------------------------------------------------
 
@@ -196,19 +188,16 @@ class FullChecks:
         """Check ``backup`` while holding the backup directory; False when interrupted."""
         limits = Limits(None, (self._stop, self._yield))
         backups = self._backups
-        waiting = Limits(None, (self._stop,))
         what = f"full check of {backup.name}"
+        self._yield.clear()  # before: a request to yield may come the moment it holds the lock
         try:
-            with backups.exclusive(what, wait=True, limits=waiting, preempt=False):
-                self._yield.clear()
-                self._holding = True
-                try:
-                    current = self._current(backup)
-                    if current is None:
-                        return True
-                    result = self.check(current, limits)
-                finally:
-                    self._holding = False
+            with backups.exclusive(
+                what, wait=True, limits=limits, preempt=False, yields=self._yield
+            ):
+                current = self._current(backup)
+                if current is None:
+                    return True
+                result = self.check(current, limits)
         except Interrupted as why:
             log.info("full check of %s %s: it stays pending", backup.name, why)
             self._drop_scratch(backup.name)

@@ -158,6 +158,8 @@ class Backups:
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
+        self._holder_state = threading.Lock()  # guards who holds ``_lock`` and ``_yielding``
+        self._yielding: threading.Event | None = None  # set: the holder gives ``_lock`` up
         self._current: tuple[str, float] | None = None  # (what, monotonic start) while running
         self._rates: dict[str, float] = {}
         self._last_failure: BackupFailure | None = None
@@ -684,26 +686,44 @@ class Backups:
 
     @contextlib.contextmanager
     def exclusive(
-        self, what: str, *, wait: bool, limits: Limits, preempt: bool = True
+        self,
+        what: str,
+        *,
+        wait: bool,
+        limits: Limits,
+        preempt: bool = True,
+        yields: threading.Event | None = None,
     ) -> Iterator[None]:
         """One backup/restore at a time: in this process, then across processes.
 
-        ``preempt``: a full check holding the directory in this process gives it up (its
-        backup stays pending) and this request waits the moment that takes, even with
-        ``wait=False``; the full checks look again when this is done. Whatever fails on the
-        way (a full disk while taking the lock, a stop request) releases what was taken; the
-        next request finds both locks free.
+        ``yields``: the holder gives the directory up when this event is set (a full check).
+        ``preempt``: such a holder in this process is asked to (its backup stays pending) and
+        this request waits the moment that takes, even with ``wait=False``; the full checks
+        look again when this is done. Whatever fails on the way (a full disk while taking the
+        lock, a stop request) releases what was taken; the next request finds both locks free.
         """
 
         def gave_up(why: str) -> BackupError:
             return BackupError(f"the {what} {why}")
 
-        if not self._lock.acquire(blocking=False):
-            yielding = preempt and self.full_checks.preempt()
+        def take_or_preempt() -> tuple[bool, bool]:
+            """(taken, whether the holder was asked to yield), as one step: the holder and
+            whether it yields never change in between."""
+            with self._holder_state:
+                if self._lock.acquire(blocking=False):
+                    self._yielding = yields
+                    return True, False
+                if preempt and self._yielding is not None:
+                    self._yielding.set()
+                    return False, True
+                return False, False
+
+        taken, yielding = take_or_preempt()
+        if not taken:
             if not wait and not yielding:
                 raise BackupInProgress(self._busy_text())
             acquire(
-                lambda: self._lock.acquire(blocking=False),
+                lambda: take_or_preempt()[0],
                 holder=self._busy_text,
                 timeout=None,
                 on_wait=lambda holder: log.info("the %s waits for %s", what, holder),
@@ -733,7 +753,9 @@ class Backups:
                 self._current = None
                 file_lock.release()
         finally:
-            self._lock.release()
+            with self._holder_state:
+                self._yielding = None
+                self._lock.release()
             if preempt and self.full_checks.accepting:
                 self.full_checks.request()  # a new backup to check, or one that yielded
 
