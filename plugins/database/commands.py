@@ -221,9 +221,11 @@ def format_dbstats(
         )
     else:
         lines.append("<b>Backups</b> none yet")
-    if backups.damaged:
+    lines += _full_check_lines(backups)
+    other_damaged = backups.damaged - len(backups.full_check_failed)
+    if other_damaged > 0:
         lines.append(
-            f"⚠️ {backups.damaged} damaged backup file{'s' if backups.damaged > 1 else ''} not "
+            f"⚠️ {other_damaged} damaged backup file{'s' if other_damaged > 1 else ''} not "
             "counted (<code>dbkeeper backup list</code> names them)"
         )
     if backups.last_failure is not None:
@@ -241,6 +243,29 @@ def format_dbstats(
     if care is not None:
         lines += format_care(care)
     return "\n".join(lines)
+
+
+def _full_check_lines(backups: BackupStats) -> list[str]:
+    """/dbstats' full integrity checks: the newest backup that passed, pending, failed."""
+    if not backups.count and not backups.full_check_failed:
+        return []
+    checked = backups.newest_fully_checked
+    text = (
+        f"newest passed: {escape(checked.name)} ({escape(checked.full_check_text)})"
+        if checked is not None
+        else "no backup has passed yet"
+    )
+    pending = len(backups.full_check_pending)
+    if pending:
+        running = " (one running)" if backups.checking else ""
+        text += f" · {pending} pending{running}"
+    lines = [f"Full integrity check: {text}"]
+    for backup in backups.full_check_failed:
+        lines.append(
+            f"⚠️ {escape(backup.name)} FAILED its full integrity check (marked damaged): "
+            f"{escape(_short(backup.full_check_problem or ''))}"
+        )
+    return lines
 
 
 def format_care(care: CareSummary) -> list[str]:
@@ -277,12 +302,18 @@ def format_care(care: CareSummary) -> list[str]:
 
 
 def format_backup(info: Backup) -> str:
+    checked = (
+        "quick_check ok (the full integrity check runs now, in the background: an alert if "
+        "it fails)"
+        if info.full_check == "pending"
+        else "integrity ok"
+    )
     return (
         f"✅ Backup <code>{escape(info.name)}</code>\n"
         f"{megabytes(info.size_bytes)} ({escape(info.compression)}) in "
         f"{info.duration_seconds:.1f}s · schema v{info.schema_version} · "
         f"{len(info.tables)} tables, {info.rows:,} rows\n"
-        f"Verified: integrity ok, sha256 <code>{info.sha256[:16]}</code>…"
+        f"Verified: {checked}, sha256 <code>{info.sha256[:16]}</code>…"
     )
 
 

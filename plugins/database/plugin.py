@@ -70,6 +70,7 @@ class DatabasePlugin(Plugin):
         self._backup_stop = threading.Event()
         self._stepped_down = threading.Event()  # stops the scheduled backup of a leader no more
         self._deferred: asyncio.Task[None] | None = None
+        self._alerts: set[asyncio.Task[None]] = set()  # alerts sent from other threads
         self.uploads: BackgroundUploads | None = None  # off-site copies, when configured
         self.offsite_health: OffsiteHealth | None = None
 
@@ -295,6 +296,7 @@ class DatabasePlugin(Plugin):
                 self.health.first_backup_due = time.monotonic() + first
             if self.offsite_health is not None:  # existing backups are caught up at once
                 from .health.checks import FIRST_BACKUP_GRACE_SECONDS
+
                 self.offsite_health.first_upload_due = (
                     time.monotonic() + (first if fresh else 0) + FIRST_BACKUP_GRACE_SECONDS
                 )
@@ -303,6 +305,15 @@ class DatabasePlugin(Plugin):
             )
             log.info("backups every %gs; the next in %.0fs", interval, first)
         if backups.available:
+            # First the full checks left pending (the last shutdown backup's, on its raw file),
+            # then each new backup's, in the background.
+            loop = asyncio.get_running_loop()
+
+            def on_failure(backup: Backup) -> None:
+                loop.call_soon_threadsafe(self._full_check_failed, backup)
+
+            backups.full_checks.on_failure = on_failure
+            backups.full_checks.start()
             self._deferred = asyncio.create_task(
                 self._compress_deferred(), name="dbkeeper-deferred-compression"
             )
@@ -357,6 +368,9 @@ class DatabasePlugin(Plugin):
             for name in (BACKUP_JOB, BACKUP_RETRY_JOB):
                 self.context.remove_jobs(name)
         self._backup_stop.set()
+        # A running full check is interrupted (its backup stays pending: the next start runs
+        # it), and the shutdown backup's is left pending: it is not in the shutdown budget.
+        await asyncio.to_thread(self.operations.backups.full_checks.stop)
         if self._deferred is not None:
             await self._deferred
             self._deferred = None
@@ -379,6 +393,18 @@ class DatabasePlugin(Plugin):
             await self._alert_backup_failure(str(error))
         if self.uploads is not None:
             await self.uploads.final(budget)
+
+    def _full_check_failed(self, backup: Backup) -> None:
+        """On the event loop: a listed backup failed its full integrity check."""
+        text = (
+            f"backup {backup.name} failed its full integrity check: "
+            f"{backup.full_check_problem}. It is marked damaged and kept (never restored or "
+            "rotated). The live database may be damaged too: check it (`dbkeeper health`) "
+            "and the disk; `dbkeeper backup list` shows which backups passed in full."
+        )
+        task = asyncio.create_task(self._alert(text, "database.backup.full-check"))
+        self._alerts.add(task)
+        task.add_done_callback(self._alerts.discard)
 
     async def _alert_backup_failure(self, text: str) -> None:
         await self._alert(text, "database.backup")

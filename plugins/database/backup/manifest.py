@@ -3,6 +3,15 @@
 ``bot-db-2026-01-31_03-00-00.db.gz.manifest.json`` records the checksum and size of the file and
 of the database inside it, when and why it was taken, the schema version and the rows per
 table. A backup is listed only with its manifest; restore and verify compare against it.
+
+It also records which checks the copy passed, and when. A SQLite backup is listed once
+``quick_check`` passed (``quick_check_at``); ``integrity_check`` runs after, in the background
+(``full_check``: pending -> passed | failed, ``full_check_at``, ``full_check_problem``). A
+backup whose full check failed is damaged: listed apart, never counted, restored or rotated.
+A manifest written before these fields existed reads as fully checked (``full_check``
+"passed", no time): every backup then ran ``integrity_check`` before it was listed.
+PostgreSQL backups are checked in full before they are listed (``pg_restore`` reads every
+byte): "passed" at once.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from ..migrate.bookkeeping import UNCOUNTED_TABLES
 
 MANIFEST_SUFFIX = ".manifest.json"
 FORMAT = 1
+FULL_CHECK_STATES = ("pending", "passed", "failed")
 MAX_MANIFEST_BYTES = 1 << 20
 _NOT_SAVED = {"path"}
 
@@ -45,7 +55,26 @@ class Backup:
     pending_compression: str | None = None  # kept raw at shutdown; compressed at the next start
     source: str = ""  # the database it came from, never with a password
     tool: str = ""  # what made the copy (SQLite version, pg_dump version)
+    quick_check_at: str | None = None  # ISO time quick_check passed (SQLite; None: older)
+    full_check: str = "passed"  # pending | passed | failed; absent (older manifests): passed
+    full_check_at: str | None = None  # ISO time it passed or failed (None: pending, or older)
+    full_check_problem: str | None = None  # what integrity_check found (failed)
     path: Path = field(default=Path(), compare=False)  # not saved: where the file is now
+
+    @property
+    def fully_checked(self) -> bool:
+        """Whether ``integrity_check`` (or the engine's full check) passed on this copy."""
+        return self.full_check == "passed"
+
+    @property
+    def full_check_text(self) -> str:
+        """ "passed 2026-01-31 03:00 UTC", "pending", "FAILED ...", "passed (inline)"."""
+        if self.full_check == "pending":
+            return "pending"
+        moment = _short_time(self.full_check_at) if self.full_check_at else None
+        if self.full_check == "failed":
+            return "FAILED" + (f" {moment}" if moment else "")
+        return f"passed {moment}" if moment else "passed (inline)"
 
     @property
     def rows(self) -> int:
@@ -103,6 +132,13 @@ class Backup:
         return cls(created_at=created, path=path, **values)
 
 
+def _short_time(iso: str) -> str:
+    try:
+        return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        return iso[:40]
+
+
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -142,6 +178,10 @@ _FIELD_CHECKS: dict[str, Any] = {
     "pending_compression": _optional_text,
     "source": _text,
     "tool": _text,
+    "quick_check_at": _optional_text,
+    "full_check": lambda value: value in FULL_CHECK_STATES,
+    "full_check_at": _optional_text,
+    "full_check_problem": _optional_text,
 }
 
 

@@ -6,24 +6,31 @@ Taking a backup (``create``):
 2. the engine writes a consistent raw copy to a temporary file (SQLite: the backup API under a
    pinned snapshot; PostgreSQL: ``pg_dump`` in custom format), fsynced;
 3. at the same time, on two threads: the engine proves the raw copy sound (SQLite:
-   ``PRAGMA integrity_check`` and rows per table; PostgreSQL: ``pg_restore -f /dev/null``
-   reads every byte) while it is compressed (sha256 of content and file on the way);
-4. the compressed file is read back from disk and decompressed: its content must have the raw
-   copy's sha256, so the backup holds exactly the bytes that passed the check;
-5. manifest, rename into place, fsync; then rotation, which therefore never runs after a
-   failed backup. A failure removes every temporary file and is recorded (``stats``).
+   ``PRAGMA quick_check``, every page and B-tree, and rows per table; PostgreSQL:
+   ``pg_restore -f /dev/null`` reads every byte) while it is compressed (zstd on two threads;
+   sha256 of content and file on the way);
+4. the compressed file is read back from disk: its sha256 must be the one computed while
+   writing it, and zstd decompresses it against the frame's content checksum (gzip: the
+   content's sha256 is compared), so the backup holds exactly the bytes that passed the check;
+5. manifest, rename into place, fsync: the backup is listed; then rotation, which therefore
+   never runs after a failed backup. A failure removes every temporary file and is recorded
+   (``stats``).
+6. SQLite: the full ``integrity_check`` runs after, in the background, on the raw copy kept
+   for it (``full_check.py``); the manifest records it (``full_check``).
 
 With a deadline (the shutdown budget) the verified raw copy is committed first, then
 compressed only if that fits in the time left; otherwise it stays raw (``pending_compression``
 in its manifest) and ``compress_pending`` compresses it at the next start.
 
-Backups, restores and deferred compressions exclude each other: a thread lock within the
-process and a ``flock`` on the directory across processes. ``wait=False`` requests (manual,
-scheduled) are refused with ``BackupInProgress``; safety backups wait.
+Backups, restores, deferred compressions and full checks exclude each other: a thread lock
+within the process and a ``flock`` on the directory across processes. ``wait=False`` requests
+(manual, scheduled) are refused with ``BackupInProgress``; safety backups wait. A full check
+holding the directory gives it up to any of them at once (it runs again after).
 
 Rotation keeps the newest ``keep`` routine backups (scheduled, manual, shutdown) and, apart
 from them, the newest ``keep`` safety copies (pre-migration, pre-downgrade, pre-restore): a
-burst of scheduled backups never rotates away the copy taken before a restore.
+burst of scheduled backups never rotates away the copy taken before a restore. The newest
+fully checked backup is never rotated away.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -57,16 +64,19 @@ from .compression import (
     create_private,
     decompress,
     hash_file,
+    read_back,
 )
 from .engines.base import (
     BackupEngine,
     ContentFacts,
+    DeferredCheck,
     Interrupted,
     Limits,
     Progress,
     no_progress,
     serialized,
 )
+from .full_check import FullChecks
 from .inspect import BackupInspector, RevisionSource
 from .manifest import Backup, BadManifest, read_manifest
 from .retention import REASONS, pool_name, to_rotate
@@ -101,6 +111,10 @@ class BackupStats:
     last_success_at: datetime | None
     last_duration_seconds: float | None
     damaged: int = 0  # files with a backup's name that are not counted (``Backups.scan``)
+    full_check_pending: list[Backup] = field(default_factory=list)  # newest first
+    full_check_failed: list[Backup] = field(default_factory=list)  # damaged by it, newest first
+    newest_fully_checked: Backup | None = None
+    checking: str | None = None  # the backup whose full check runs now (in this process)
 
 
 @dataclass(frozen=True)
@@ -144,12 +158,15 @@ class Backups:
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
+        self._holder_state = threading.Lock()  # guards who holds ``_lock`` and ``_yielding``
+        self._yielding: threading.Event | None = None  # set: the holder gives ``_lock`` up
         self._current: tuple[str, float] | None = None  # (what, monotonic start) while running
         self._rates: dict[str, float] = {}
         self._last_failure: BackupFailure | None = None
         self._last_success_at: datetime | None = None
         self._last_duration: float | None = None
         self.restoring: Path | None = None  # never rotated away while a restore reads it
+        self.full_checks = FullChecks(self)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -207,6 +224,14 @@ class Backups:
             last_success_at=success,
             last_duration_seconds=duration,
             damaged=len(listing.damaged),
+            full_check_pending=[b for b in backups if b.full_check == "pending"],
+            full_check_failed=[
+                entry.record
+                for entry in listing.damaged
+                if entry.record is not None and entry.record.full_check == "failed"
+            ],
+            newest_fully_checked=next((b for b in backups if b.fully_checked), None),
+            checking=self.full_checks.checking,
         )
 
     def estimate_next_bytes(self) -> int:
@@ -273,6 +298,9 @@ class Backups:
                     f"there is no database at {self.engine.source()}: nothing to back up"
                 )
             self.store.ensure()
+            # A raw copy still kept for a full check that did not start goes first: the disk
+            # never holds two raw copies (that check decompresses its backup instead).
+            self.full_checks.drop_kept()
             for leftover in self.store.leftovers():  # we hold the directory: nobody writes them
                 remove(leftover)
             created_at, stem = self.store.claim_time(self._clock, self._sleep)
@@ -324,6 +352,8 @@ class Backups:
             temporary.append(packed)
         facts, content, file = self._check_and_pack(raw, packed, codec, progress, limits, phases)
         facts = self._merge(early, facts)
+        checked_at = self._clock().isoformat(timespec="seconds")
+        deferred = isinstance(self.engine, DeferredCheck)
         name = stem + self.engine.raw_suffix + (SUFFIXES[codec] if packed else "")
         record = Backup(
             name=name,
@@ -343,9 +373,12 @@ class Backups:
             pending_compression=pending,
             source=self.engine.source(),
             tool=self.engine.tool(),
+            quick_check_at=checked_at if deferred else None,
+            full_check="pending" if deferred else "passed",
+            full_check_at=None if deferred else checked_at,
         )
         info = self.store.commit(packed or raw, record)
-        if packed is not None:
+        if packed is not None and not (deferred and self.full_checks.keep(info, raw)):
             remove(raw)
         self._log_created(info)
         return info
@@ -362,15 +395,19 @@ class Backups:
         """Check the raw copy on a second thread while compressing (or hashing) it here.
 
         The compressed file is read back here too, so that only the longer of the two lines
-        of work (usually the check) adds to the time of the backup.
+        of work adds to the time of the backup. The check is the engine's inline one
+        (SQLite: ``quick_check``; the full one runs after the backup is listed).
         """
         raw_bytes = raw.stat().st_size
         abandon = threading.Event()
+        engine = self.engine
+        inline = engine.quick_check if isinstance(engine, DeferredCheck) else engine.check
+        name = "quick check" if isinstance(engine, DeferredCheck) else "check"
 
         def timed_check() -> ContentFacts:
             clock = time.monotonic()
-            facts = self.engine.check(raw, progress, limits.also(abandon))
-            phases["check"] = time.monotonic() - clock
+            facts = inline(raw, progress, limits.also(abandon))
+            phases[name] = time.monotonic() - clock
             return facts
 
         with ThreadPoolExecutor(1, thread_name_prefix="dbkeeper-backup-check") as pool:
@@ -411,8 +448,30 @@ class Backups:
         limits: Limits,
         phases: dict[str, float],
     ) -> None:
-        """Decompress what reached the disk: it must be exactly the copy being checked."""
+        """Read back what reached the disk: it must be exactly the copy being checked.
+
+        zstd: the file's sha256 against the one computed while writing it, and every frame
+        decompressed against its content checksum (computed by the compressor over the copy
+        it read, whose sha256 is ``content``): the content is not hashed twice. gzip: the
+        content's sha256 against the copy's.
+        """
         clock = time.monotonic()
+        if codec == "zstd":
+            read_file, read_bytes = read_back(
+                packed,
+                codec,
+                progress=lambda done: progress("read-back", done, file.bytes),
+                check=limits.check,
+            )
+            phases["read-back"] = time.monotonic() - clock
+            if read_file != file or read_bytes != content.bytes:
+                raise BackupError(
+                    "the compressed file does not read back as it was written (sha256 "
+                    f"{read_file.sha256[:12]}, expected {file.sha256[:12]}; {read_bytes} bytes "
+                    f"of content, expected {content.bytes}): the disk or the file system "
+                    "corrupts writes"
+                )
+            return
         read_file, read_content = decompress(
             packed,
             codec,
@@ -436,13 +495,21 @@ class Backups:
         pending = [b for b in self.list() if b.pending_compression]
         if not pending:
             return done
-        with self.exclusive("deferred compression", wait=False, limits=limits):
-            for backup in pending:
-                if limits.stopped():
-                    break
-                compressed = self._compress_deferred(backup, limits, no_progress)
-                if compressed is not None:
-                    done.append(compressed)
+        # It waits for a full check (the shutdown backup's, at the start after it) rather than
+        # interrupting it: the check then reads the raw file, and nothing is decompressed.
+        try:
+            with self.exclusive("deferred compression", wait=True, limits=limits, preempt=False):
+                # Read again: a full check may have recorded its result meanwhile.
+                for backup in [b for b in self.list() if b.pending_compression]:
+                    if limits.stopped():
+                        break
+                    compressed = self._compress_deferred(backup, limits, no_progress)
+                    if compressed is not None:
+                        done.append(compressed)
+        except BackupError:
+            if not limits.stopped():
+                raise
+            log.info("deferred compression stopped while waiting: it runs at the next start")
         return done
 
     def _compress_deferred(
@@ -582,6 +649,14 @@ class Backups:
             ) from error
         finally:
             remove(scratch)
+        if manifest is not None and manifest.full_check == "pending":
+            info = self.store.update(
+                replace(
+                    manifest,
+                    full_check="passed",
+                    full_check_at=self._clock().isoformat(timespec="seconds"),
+                )
+            )
         log.info("verified %s in %.2fs", path.name, time.monotonic() - started)
         return VerifyResult(path.name, True, None, info, time.monotonic() - started)
 
@@ -593,7 +668,7 @@ class Backups:
             return []
         try:
             with self.exclusive("cleanup", wait=False, limits=Limits()):
-                found = self.store.leftovers() + self.engine.leftovers()
+                found = self.store.leftovers(self.full_checks.in_use()) + self.engine.leftovers()
                 for path in found:
                     remove(path)
         except BackupInProgress:
@@ -610,21 +685,45 @@ class Backups:
     # -- plumbing -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def exclusive(self, what: str, *, wait: bool, limits: Limits) -> Iterator[None]:
+    def exclusive(
+        self,
+        what: str,
+        *,
+        wait: bool,
+        limits: Limits,
+        preempt: bool = True,
+        yields: threading.Event | None = None,
+    ) -> Iterator[None]:
         """One backup/restore at a time: in this process, then across processes.
 
-        Whatever fails on the way (a full disk while taking the lock, a stop request) releases
-        what was taken; the next request finds both locks free.
+        ``yields``: the holder gives the directory up when this event is set (a full check).
+        ``preempt``: such a holder in this process is asked to (its backup stays pending) and
+        this request waits the moment that takes, even with ``wait=False``; the full checks
+        look again when this is done. Whatever fails on the way (a full disk while taking the
+        lock, a stop request) releases what was taken; the next request finds both locks free.
         """
 
         def gave_up(why: str) -> BackupError:
             return BackupError(f"the {what} {why}")
 
-        if not self._lock.acquire(blocking=False):
-            if not wait:
+        def take_or_preempt() -> tuple[bool, bool]:
+            """(taken, whether the holder was asked to yield), as one step: the holder and
+            whether it yields never change in between."""
+            with self._holder_state:
+                if self._lock.acquire(blocking=False):
+                    self._yielding = yields
+                    return True, False
+                if preempt and self._yielding is not None:
+                    self._yielding.set()
+                    return False, True
+                return False, False
+
+        taken, yielding = take_or_preempt()
+        if not taken:
+            if not wait and not yielding:
                 raise BackupInProgress(self._busy_text())
             acquire(
-                lambda: self._lock.acquire(blocking=False),
+                lambda: take_or_preempt()[0],
                 holder=self._busy_text,
                 timeout=None,
                 on_wait=lambda holder: log.info("the %s waits for %s", what, holder),
@@ -654,7 +753,11 @@ class Backups:
                 self._current = None
                 file_lock.release()
         finally:
-            self._lock.release()
+            with self._holder_state:
+                self._yielding = None
+                self._lock.release()
+            if preempt and self.full_checks.accepting:
+                self.full_checks.request()  # a new backup to check, or one that yielded
 
     def _busy_text(self) -> str:
         current = self._current

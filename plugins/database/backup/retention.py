@@ -3,7 +3,10 @@
 Two pools, counted apart: routine backups (scheduled, manual, shutdown) and safety copies
 (pre-migration, pre-downgrade, pre-restore). A new backup rotates only its own pool, keeping the
 newest ``keep`` of it, so a burst of scheduled backups never pushes out the copy taken before a
-restore. ``protected`` backups (one a restore is reading right now) are never removed.
+restore. ``protected`` backups (one a restore is reading right now) are never removed, nor is
+the newest fully checked backup of all: a SQLite backup is listed before its full
+``integrity_check`` ran, so while the newest ones are pending (or one failed), the last one known
+to pass in full stays, beyond ``keep`` if need be.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ def to_rotate(
     protected: Collection[Path] = (),
 ) -> list[Backup]:
     """The backups of ``new_reason``'s pool beyond the newest ``keep`` (``backups`` newest
-    first), except the protected ones."""
+    first), except the protected ones and the newest fully checked one."""
     pool = pool_of(new_reason)
     same = [backup for backup in backups if backup.reason in pool]
-    return [backup for backup in same[keep:] if backup.path not in protected]
+    checked = next((backup for backup in backups if backup.fully_checked), None)
+    kept = {*protected, *([checked.path] if checked is not None else [])}
+    return [backup for backup in same[keep:] if backup.path not in kept]

@@ -22,7 +22,7 @@ import re
 import secrets
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -247,6 +247,12 @@ class BackupStore:
                 f"its manifest's time ({backup.created_at:%Y-%m-%d %H:%M:%S} UTC) is not the "
                 "time in its name: not counted"
             )
+        if backup.full_check == "failed":
+            return backup, (
+                f"failed the full integrity check ({backup.full_check_text}): "
+                f"{backup.full_check_problem or 'no details'}; kept for inspection, never "
+                "restored or rotated (delete it by hand)"
+            )
         return backup, None
 
     def commit(self, file: Path, backup: Backup) -> Backup:
@@ -257,14 +263,21 @@ class BackupStore:
         fsync_directory(self.directory)
         return backup.at(target)
 
+    def update(self, backup: Backup) -> Backup:
+        """Rewrite the manifest of the backup at ``backup.path`` (its checks changed)."""
+        write_manifest(backup, manifest_path(backup.path), self.temp(backup.name + MANIFEST_SUFFIX))
+        fsync_directory(self.directory)
+        return backup
+
     def delete(self, path: Path) -> None:
         """Delete a backup: the file first, so that a crash leaves an orphan manifest at most."""
         remove(path)
         remove(manifest_path(path))
         fsync_directory(self.directory)
 
-    def leftovers(self) -> list[Path]:
-        """Temporary files, manifests without their backup, raw twins of compressed backups."""
+    def leftovers(self, in_use: Collection[Path] = ()) -> list[Path]:
+        """Temporary files, manifests without their backup, raw twins of compressed backups;
+        not those ``in_use`` (the raw copy kept for a backup's full check)."""
         if not self.directory.is_dir():
             return []
         found: list[Path] = []
@@ -272,6 +285,8 @@ class BackupStore:
         listed = {entry.path.name for entry in self.entries()}
         for name in sorted(names):
             path = self.directory / name
+            if path in in_use:
+                continue
             orphan = name.endswith(MANIFEST_SUFFIX) and name[: -len(MANIFEST_SUFFIX)] not in names
             if name.startswith(TEMP_PREFIX) or orphan:
                 found.append(path)

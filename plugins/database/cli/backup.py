@@ -115,20 +115,57 @@ def backup() -> None:
 
 
 @backup.command()
+@click.option(
+    "--full-check/--no-full-check",
+    default=True,
+    help="After the backup is listed, run SQLite's full integrity_check on it and wait for it "
+    "(default); --no-full-check leaves it pending for the running bot.",
+)
 @click.pass_obj
 @fails_plainly
-def create(obj: CliContext) -> None:
+def create(obj: CliContext, full_check: bool) -> None:
     """Take a verified backup now (reason: manual), then copy it off-site ([offsite] url)."""
     ops = operations(obj, existing=True)
+    checks = ops.backups.full_checks
+    if full_check:
+        checks.start()  # takes the raw copy over from the backup: nothing is decompressed
     progress = ProgressReport()
     try:
-        taken = ops.backup("manual", progress=progress)
+        try:
+            taken = ops.backup("manual", progress=progress)
+        finally:
+            progress.close()
+        info = taken.backup
+        click.echo(f"created {describe(info)}")
+        click.echo(f"verified in {info.duration_seconds:.2f}s; stored in {info.path.parent}")
+        echo_upload(taken.upload)
+        if info.full_check == "pending" and checks.accepting:
+            click.echo("full integrity check: running…", err=True)
+            result = checks.wait_for(info.name)
+            info = result or info
+        echo_full_check(info)
     finally:
-        progress.close()
-    info = taken.backup
-    click.echo(f"created {describe(info)}")
-    click.echo(f"verified in {info.duration_seconds:.2f}s; stored in {info.path.parent}")
-    echo_upload(taken.upload)
+        checks.stop()
+    if info.full_check == "failed":
+        raise SystemExit(EXIT_ERROR)
+
+
+def echo_full_check(info: Any) -> None:
+    if info.full_check == "passed":
+        seconds = info.phases.get("full check")
+        took = f" in {seconds:.2f}s" if seconds is not None else ""
+        click.echo(f"full integrity check {info.full_check_text}{took}")
+    elif info.full_check == "failed":
+        click.echo(
+            f"full integrity check FAILED: {info.full_check_problem}; the backup is marked "
+            "damaged and kept",
+            err=True,
+        )
+    else:
+        click.echo(
+            "full integrity check pending: the running bot runs it (or `dbkeeper backup "
+            f"verify {info.name}`)"
+        )
 
 
 @backup.command("list")
@@ -150,14 +187,15 @@ def list_backups(obj: CliContext, offsite: bool) -> None:
     stats = manager.stats()
     if backups:
         click.echo(
-            f"{'name':<36} {'taken (UTC)':<19}  {'reason':<13} {'size':>9}  {'schema':>6}  rows"
+            f"{'name':<36} {'taken (UTC)':<19}  {'reason':<13} {'size':>9}  {'schema':>6}  "
+            f"{'full check':<27} rows"
         )
         for info in backups:
             pending = f" (to {info.pending_compression})" if info.pending_compression else ""
             click.echo(
                 f"{info.name:<36} {info.created_at:%Y-%m-%d %H:%M:%S}  {info.reason:<13} "
                 f"{size(info.size_bytes):>9}  {'v' + str(info.schema_version):>6}  "
-                f"{info.rows:,}{pending}"
+                f"{info.full_check_text:<27} {info.rows:,}{pending}"
             )
         assert stats.newest is not None and stats.oldest is not None
         click.echo(

@@ -12,8 +12,10 @@
                             and connection health.
 ``database_size``           degraded above ``[health] size_warning_mb``.
 ``database_backups``        "7 backups | 45.23 MB"; degraded when there is none, the newest
-                            is older than twice ``[backup] interval_seconds``, or the last
-                            attempt failed.
+                            is older than twice ``[backup] interval_seconds``, the last
+                            attempt failed, a backup failed its full integrity check (it
+                            is damaged), or one's full check is pending for longer than
+                            ``FULL_CHECK_OVERDUE_SECONDS`` and not running.
 ``disk_space``              degraded when the backup volume has less free space than the
                             next backup needs.
 ==========================  ===============================================================
@@ -45,7 +47,7 @@ from dbkeeper.health import Outcome, Status, degraded, healthy, unhealthy
 from dbkeeper.plugin import PluginContext
 from dbkeeper.texts import MB, duration, megabytes
 
-from ..backup.pipeline import Backups
+from ..backup.pipeline import Backups, BackupStats
 from ..errors import DatabaseMissing
 from ..migrate.history import Attempt, MigrationStats
 from ..migrate.migrator import MigrationStatus, Migrator
@@ -57,6 +59,9 @@ from .probes import Overview, probe_for
 
 log = logging.getLogger("dbkeeper.database.health")
 FIRST_BACKUP_GRACE_SECONDS = 300.0
+# A SQLite backup's full integrity_check runs right after it is listed (seconds per GiB) or,
+# for the shutdown backup, at the next start: pending longer than this, it is not happening.
+FULL_CHECK_OVERDUE_SECONDS = 3600.0
 T = TypeVar("T")
 
 
@@ -229,9 +234,17 @@ class DatabaseHealth:
                 problems.append(
                     f"the newest is {duration(age)} old (one is due every {duration(interval)})"
                 )
-        if stats.damaged:
+        values["full_check_pending"] = len(stats.full_check_pending)
+        values["full_check_failed"] = len(stats.full_check_failed)
+        if stats.newest_fully_checked is not None:
+            values["newest_fully_checked_timestamp_seconds"] = (
+                stats.newest_fully_checked.created_at.timestamp()
+            )
+        problems += _full_check_problems(stats, now)
+        other_damaged = stats.damaged - len(stats.full_check_failed)
+        if other_damaged > 0:
             problems.append(
-                f"{_plural(stats.damaged, 'damaged file')} not counted (`dbkeeper backup list` "
+                f"{_plural(other_damaged, 'damaged file')} not counted (`dbkeeper backup list` "
                 "names them)"
             )
         if stats.last_failure is not None:
@@ -401,6 +414,32 @@ class DatabaseHealth:
                 self._scan_interrupter.fire()
             await asyncio.wait({self._scan_task}, timeout=self.settings.check_timeout_seconds)
         await asyncio.to_thread(self.probe.dispose)
+
+
+def _full_check_problems(stats: BackupStats, now: datetime) -> list[str]:
+    """Backups that failed their full integrity check, and checks pending for too long."""
+    problems = []
+    failed = stats.full_check_failed
+    if failed:
+        problems.append(
+            f"{_plural(len(failed), 'backup')} failed the full integrity check and "
+            f"{'is' if len(failed) == 1 else 'are'} marked damaged: {failed[0].name}: "
+            f"{failed[0].full_check_problem}"
+        )
+    overdue = [
+        backup
+        for backup in stats.full_check_pending
+        if backup.name != stats.checking
+        and (now - backup.created_at).total_seconds() > FULL_CHECK_OVERDUE_SECONDS
+    ]
+    if overdue:
+        oldest = overdue[-1]
+        age = duration((now - oldest.created_at).total_seconds())
+        problems.append(
+            f"the full integrity check of {_plural(len(overdue), 'backup')} is pending "
+            f"({oldest.name} for {age}): is the bot running? `dbkeeper backup verify` runs it"
+        )
+    return problems
 
 
 def _plural(count: int, noun: str) -> str:

@@ -5,6 +5,7 @@
 ``_migration_duration_seconds{revision}`` (PostgreSQL adds ``_checksum_failures`` and
 ``_connections``); ``dbkeeper_backups``, ``_backups_size_bytes``,
 ``dbkeeper_backup_last_success_timestamp_seconds``, ``_last_duration_seconds``,
+``dbkeeper_backups_full_check_pending``, ``_full_check_failed``,
 ``_volume_free_bytes``, ``_next_size_bytes``.
 """
 
@@ -50,6 +51,14 @@ FROM_CHECKS = {
         "Pending revisions whose last attempt failed.",
     ),
     ("database_backups", "size_bytes"): ("backups_size_bytes", "Size of all backups kept."),
+    ("database_backups", "full_check_pending"): (
+        "backups_full_check_pending",
+        "Listed SQLite backups whose full integrity_check has not run yet.",
+    ),
+    ("database_backups", "full_check_failed"): (
+        "backups_full_check_failed",
+        "Backups that failed their full integrity_check (marked damaged, kept).",
+    ),
     ("database_backups", "last_success_timestamp_seconds"): (
         "backup_last_success_timestamp_seconds",
         "When the last successful backup was taken (unix time).",

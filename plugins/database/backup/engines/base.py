@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from dbkeeper.plugin import Deadline
 
@@ -140,6 +140,19 @@ class BackupEngine(Protocol):
 
     def side_file(self, suffix: str) -> Path | None:
         """A small file of dbkeeper's beside the live database (None: there is no file)."""
+
+
+@runtime_checkable
+class DeferredCheck(Protocol):
+    """An engine whose full check is too slow for the critical path of every backup (SQLite's
+    ``integrity_check``): a backup is listed on ``quick_check`` and fully checked after.
+    Engines without it (PostgreSQL: ``pg_restore`` reads every byte) check in full inline."""
+
+    def quick_check(self, raw: Path, progress: Progress, limits: Limits) -> ContentFacts:
+        """Prove every page and structure sound and count what the copy holds."""
+
+    def full_check(self, raw: Path, progress: Progress, limits: Limits) -> None:
+        """The rest of ``check`` (``InvalidBackup`` says what is wrong)."""
 
 
 @contextlib.contextmanager
