@@ -326,6 +326,61 @@ class SqliteBackupEngine:
         except OSError as error:  # the rename is done: the restore is not to be undone now
             log.warning("could not fsync %s after the restore: %s", self.file.parent, error)
 
+    def settle(self) -> None:
+        """Make the database file alone the whole database (every connection of the bot is
+        closed): a TRUNCATE checkpoint moves the write-ahead log into the file and empties it
+        (a rollback journal left by a crashed writer is rolled back by opening it), so the
+        file can be kept as it is, by a second name. ``BackupError``: the log cannot be
+        emptied (another process reads it): keep a copy instead.
+        """
+        assert self.file is not None
+        connection = sqlite3.connect(
+            _uri(self.file, mode="rw"), uri=True, timeout=self.busy_timeout, isolation_level=None
+        )
+        try:
+            if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                busy, _, _ = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if busy:
+                    raise BackupError("another process reads its write-ahead log")
+        except sqlite3.DatabaseError as error:
+            raise BackupError(f"it cannot be checkpointed ({error})") from error
+        finally:
+            connection.close()
+        for suffix in ("-wal", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                if self._side(suffix).stat().st_size > 0:
+                    raise BackupError(f"its {suffix[1:]} file still holds changes")
+
+    def examine(self, raw: Path, limits: Limits) -> ContentFacts:
+        """``PRAGMA quick_check`` (every page and B-tree, not the indexes against their
+        tables: a tenth of ``integrity_check``), then the revision and rows per table.
+        ``InvalidBackup`` says what is wrong. Read through ``mmap``: no page-sized reads."""
+        connection = sqlite3.connect(
+            _uri(raw, mode="ro", immutable="1"), uri=True, check_same_thread=False
+        )
+        connection.set_progress_handler(lambda: 1 if limits.stopped() else 0, PROGRESS_OPCODES)
+        try:
+            connection.execute(f"PRAGMA mmap_size = {raw.stat().st_size}")
+            problems = [row[0] for row in connection.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                lines = [" ".join(p.split())[:160] for p in problems]
+                raise InvalidBackup("fails SQLite's quick check: " + "; ".join(lines))
+            return _facts(connection)
+        except sqlite3.OperationalError as error:
+            if limits.stopped():
+                raise Interrupted(limits.stopped() or "was stopped") from error
+            raise InvalidBackup(f"cannot be read as a database ({error})") from error
+        except sqlite3.DatabaseError as error:
+            raise InvalidBackup(f"is damaged: SQLite says {error}") from error
+        finally:
+            connection.close()
+
+    def link_to(self, target: Path) -> None:
+        """``target`` (absent) becomes a second name of the live file: no byte is copied.
+        ``OSError`` (``EXDEV``) when it is on another file system."""
+        assert self.file is not None
+        os.link(self.file, target, follow_symlinks=False)
+
     def set_aside(self, label: str) -> list[Path]:
         """``bot.db`` -> also ``bot.db.<label>`` (its ``-wal`` and journal too: they may hold
         committed rows): a second name for the very same bytes, while the live file stays
@@ -439,6 +494,26 @@ class SqliteBackupEngine:
                 lock.downgrade()
             else:
                 lock.release()
+
+
+def _facts(connection: sqlite3.Connection) -> ContentFacts:
+    """The revision and the rows per table of an open database (what ``check`` also reads)."""
+    names = [
+        row[0]
+        for row in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' "
+            "AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        )
+    ]
+    tables: dict[str, int | None] = {
+        name: connection.execute(f"SELECT count(*) FROM {_quoted(name)}").fetchone()[0]
+        for name in names
+    }
+    revision = None
+    if "alembic_version" in tables:
+        row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+        revision = row[0] if row else None
+    return ContentFacts(revision, tables)
 
 
 def _staging_files(file: Path) -> list[Path]:
