@@ -21,7 +21,8 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +192,7 @@ def _set_aside(
         # Its checks and its checksum on two threads: both read the same cached pages.
         abandon = threading.Event()
         with ThreadPoolExecutor(1, thread_name_prefix="dbkeeper-restore-check") as pool:
-            examined = pool.submit(engine.examine, link, limits.also(abandon))
+            examined = pool.submit(engine.quick_check, link, progress, limits.also(abandon))
             try:
                 digest = hash_file(
                     link, lambda done: progress("checksum", done, size), limits.check
@@ -220,6 +221,7 @@ def _set_aside(
             pending_compression=None if pending == "none" else pending,
             source=engine.source(),
             tool=f"{engine.tool()}: the replaced file itself, kept by a second name",
+            **_checks_pending(created_at),
         )
         info = store.commit(link, record)
     except BaseException:
@@ -232,6 +234,14 @@ def _set_aside(
     )
     backups._rotate(info)
     return Kept(info, linked=True)
+
+
+def _checks_pending(at: datetime) -> dict[str, Any]:
+    """The manifest's record of its checks (issue 14, part A), where ``Backup`` has it:
+    ``quick_check`` passed, the full check still to run (the background checks take it)."""
+    known = {f.name for f in fields(Backup)}
+    checks = {"quick_check_at": at.isoformat(timespec="seconds"), "full_check": "pending"}
+    return {key: value for key, value in checks.items() if key in known}
 
 
 def _safety_copy(backups: Backups, progress: Progress, limits: Limits) -> Kept:

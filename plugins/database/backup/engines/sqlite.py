@@ -292,6 +292,36 @@ class SqliteBackupEngine:
         progress("check", size, size)
         return ContentFacts(revision, tables)
 
+    def quick_check(self, raw: Path, progress: Progress, limits: Limits) -> ContentFacts:
+        """``PRAGMA quick_check`` (every page and B-tree, not index content: a tenth of the
+        full check's cost), then the revision and rows per table. A backup is listed on it."""
+        size = raw.stat().st_size
+        progress("check", 0, size)
+        # Mapped: the pages come from the page cache, not one ``pread`` each.
+        connection = sqlite3.connect(
+            _uri(raw, mode="ro", immutable="1"), uri=True, check_same_thread=False
+        )
+        connection.set_progress_handler(lambda: 1 if limits.stopped() else 0, PROGRESS_OPCODES)
+        try:
+            connection.execute(f"PRAGMA mmap_size = {int(size)}").fetchall()
+            problems = [row[0] for row in connection.execute("PRAGMA quick_check(10)")]
+            if problems != ["ok"]:
+                lines = [" ".join(p.split())[:160] for p in problems[:3]]
+                raise InvalidBackup(
+                    "fails SQLite's integrity check (quick_check): " + "; ".join(lines)
+                )
+            facts = _facts(connection)
+        except sqlite3.OperationalError as error:
+            if limits.stopped():
+                raise Interrupted(limits.stopped() or "was stopped") from error
+            raise InvalidBackup(f"cannot be read as a database ({error})") from error
+        except sqlite3.DatabaseError as error:
+            raise InvalidBackup(f"is damaged: SQLite says {error}") from error
+        finally:
+            connection.close()
+        progress("check", size, size)
+        return facts
+
     # -- restoring ----------------------------------------------------------------------------
 
     def staging(self) -> Path:
@@ -350,30 +380,6 @@ class SqliteBackupEngine:
             with contextlib.suppress(FileNotFoundError):
                 if self._side(suffix).stat().st_size > 0:
                     raise BackupError(f"its {suffix[1:]} file still holds changes")
-
-    def examine(self, raw: Path, limits: Limits) -> ContentFacts:
-        """``PRAGMA quick_check`` (every page and B-tree, not the indexes against their
-        tables: a tenth of ``integrity_check``), then the revision and rows per table.
-        ``InvalidBackup`` says what is wrong. Read through ``mmap``: no page-sized reads."""
-        connection = sqlite3.connect(
-            _uri(raw, mode="ro", immutable="1"), uri=True, check_same_thread=False
-        )
-        connection.set_progress_handler(lambda: 1 if limits.stopped() else 0, PROGRESS_OPCODES)
-        try:
-            connection.execute(f"PRAGMA mmap_size = {raw.stat().st_size}")
-            problems = [row[0] for row in connection.execute("PRAGMA quick_check(3)")]
-            if problems != ["ok"]:
-                lines = [" ".join(p.split())[:160] for p in problems]
-                raise InvalidBackup("fails SQLite's quick check: " + "; ".join(lines))
-            return _facts(connection)
-        except sqlite3.OperationalError as error:
-            if limits.stopped():
-                raise Interrupted(limits.stopped() or "was stopped") from error
-            raise InvalidBackup(f"cannot be read as a database ({error})") from error
-        except sqlite3.DatabaseError as error:
-            raise InvalidBackup(f"is damaged: SQLite says {error}") from error
-        finally:
-            connection.close()
 
     def link_to(self, target: Path) -> None:
         """``target`` (absent) becomes a second name of the live file: no byte is copied.
@@ -497,7 +503,7 @@ class SqliteBackupEngine:
 
 
 def _facts(connection: sqlite3.Connection) -> ContentFacts:
-    """The revision and the rows per table of an open database (what ``check`` also reads)."""
+    """The revision and the rows per table of a checked copy."""
     names = [
         row[0]
         for row in connection.execute(
