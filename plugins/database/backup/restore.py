@@ -82,8 +82,6 @@ def prepare(backups: Backups, name: str, progress: Progress, limits: Limits) -> 
     staging = backups.engine.staging()
     try:
         raw, facts = backups.inspector.inspect(path, record, staging, progress, limits, trust=True)
-        if raw == staging:
-            _sync(staging)  # on disk before it is renamed into place
     except InvalidBackup as error:
         if staging is not None:
             remove(staging)
@@ -143,7 +141,8 @@ def keep_current(
     backups: Backups, candidate: RestoreCandidate, progress: Progress, limits: Limits
 ) -> Kept:
     """Keep the live database before it is replaced, while holding ``backups.exclusive`` and
-    with every connection to it closed.
+    with every connection to it closed; meanwhile the candidate reaches the disk (fsync), so
+    that it is whole before it is renamed into place.
 
     A SQLite file whose backup directory is on the same file system is kept as it is: a
     second name in the backup directory, listed as a ``pre-restore`` backup kept raw and
@@ -152,6 +151,21 @@ def keep_current(
     another process holds, PostgreSQL) a verified ``pre-restore`` backup is taken as before.
     A database too damaged to be read is set aside beside itself by ``swap``.
     """
+    with ThreadPoolExecutor(1, thread_name_prefix="dbkeeper-restore-sync") as pool:
+        synced = pool.submit(_sync, candidate.raw)
+        kept = _keep(backups, candidate, progress, limits)
+        try:
+            synced.result()
+        except BaseException:
+            if kept.linked and kept.safety is not None:  # the live file stays: no backup
+                backups.store.delete(kept.safety.path)
+            raise
+    return kept
+
+
+def _keep(
+    backups: Backups, candidate: RestoreCandidate, progress: Progress, limits: Limits
+) -> Kept:
     engine = backups.engine
     if not engine.live_exists():
         return Kept()
