@@ -5,6 +5,7 @@ at most the live file and the staging copy at once. Real files, real processes."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -299,7 +300,8 @@ def test_a_restore_holds_at_most_twice_the_database_on_disk(plugin: Operations) 
 # -- killed during the restore ------------------------------------------------------------------
 
 # ``dbkeeper ARGS`` that stops (forever) at the moment named by argv[1]: ``link`` right after
-# the live file got its second name, ``swap`` right before the rename onto the live file.
+# the live file got its second name, ``swap`` right before the rename onto the live file,
+# ``swapped`` right after it.
 GATED = textwrap.dedent(
     """
     import os, sys, time
@@ -313,9 +315,12 @@ GATED = textwrap.dedent(
         time.sleep(3600)
 
     def gated_replace(source, target, *args, **kwargs):
-        if moment == "swap" and Path(target).resolve() == live:
+        onto_live = Path(target).resolve() == live
+        if moment == "swap" and onto_live:
             stop_here(f"about to rename {source} onto the live database")
-        return real_replace(source, target, *args, **kwargs)
+        real_replace(source, target, *args, **kwargs)
+        if moment == "swapped" and onto_live:
+            stop_here(f"renamed {source} onto the live database")
 
     def gated_link(source, target, *args, **kwargs):
         real_link(source, target, *args, **kwargs)
@@ -343,21 +348,25 @@ def _workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("moment", ["link", "swap"])
-def test_a_restore_killed_after_setting_the_live_file_aside_leaves_it_working(
-    tmp_path: Path, moment: str
-) -> None:
+def _with_five_more_users(tmp_path: Path) -> tuple[Path, str]:
+    """A workdir with a backup of 300 users, and 5 more users since; the backup's name."""
     workdir = _workdir(tmp_path)
-    database, backups = workdir / "data" / "bot.db", workdir / "backups"
     code, output = run_cli(["backup", "create"], cwd=workdir)
     assert code == 0, output
-    [name] = [n for n in listing(backups) if n.endswith(".db.gz")]
-    connection = sqlite3.connect(database)  # 5 more users since the backup
+    [name] = [n for n in listing(workdir / "backups") if n.endswith(".db.gz")]
+    connection = sqlite3.connect(workdir / "data" / "bot.db")
     connection.executemany(
         "INSERT INTO users (id, first_name) VALUES (?, 'later')", [(i,) for i in range(301, 306)]
     )
     connection.commit()
     connection.close()
+    return workdir, name
+
+
+@contextlib.contextmanager
+def _restore_stopped_at(moment: str, workdir: Path, name: str) -> Iterator[None]:
+    """``dbkeeper backup restore NAME`` held at ``moment``; killed (SIGKILL) on leaving."""
+    database = workdir / "data" / "bot.db"
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
     environment.pop("DATABASE_URL", None)
     restore = subprocess.Popen(
@@ -376,17 +385,25 @@ def test_a_restore_killed_after_setting_the_live_file_aside_leaves_it_working(
                 break
         else:
             raise AssertionError(f"the restore ended before the gate: {restore.wait()}")
+        yield
+    finally:
+        restore.send_signal(signal.SIGKILL)
+        restore.wait(10)
+
+
+@pytest.mark.parametrize("moment", ["link", "swap"])
+def test_a_restore_killed_after_setting_the_live_file_aside_leaves_it_working(
+    tmp_path: Path, moment: str
+) -> None:
+    workdir, name = _with_five_more_users(tmp_path)
+    database, backups = workdir / "data" / "bot.db", workdir / "backups"
+    with _restore_stopped_at(moment, workdir, name):
         twins = [
             n for n in listing(backups) if os.path.samefile(backups / n, database)
         ]  # the live file, by a second name in the backup directory
         assert len(twins) == 1 and database.stat().st_nlink == 2, listing(backups)
         code, output = run_cli(["backup", "list"], cwd=workdir)  # never while it runs
         assert code == 0 and (backups / twins[0]).exists(), output
-        restore.send_signal(signal.SIGKILL)
-        restore.wait(10)
-    finally:
-        restore.kill()
-        restore.wait()
 
     assert user_ids(f"sqlite:///{database}") == list(range(1, 306))  # in place, whole
     code, output = run_cli(["backup", "list"], cwd=workdir)  # the next command cleans up
@@ -403,3 +420,20 @@ def test_a_restore_killed_after_setting_the_live_file_aside_leaves_it_working(
     assert user_ids(f"sqlite:///{database}") == list(range(1, 301))
     kept = [n for n in listing(backups) if n.endswith(".db")]
     assert len(kept) == 1 and database.stat().st_nlink == 1
+
+
+def test_a_restore_killed_right_after_its_swap_leaves_both_databases(tmp_path: Path) -> None:
+    workdir, name = _with_five_more_users(tmp_path)
+    database, backups = workdir / "data" / "bot.db", workdir / "backups"
+    with _restore_stopped_at("swapped", workdir, name):
+        pass
+
+    assert user_ids(f"sqlite:///{database}") == list(range(1, 301))  # the backup's
+    code, output = run_cli(["backup", "list"], cwd=workdir)
+    assert code == 0 and "\n2 backups, " in output, output
+    [kept] = [n for n in listing(backups) if n.endswith(".db")]  # the replaced one, listed
+    assert kept in output and "pre-restore" in output
+    assert not os.path.samefile(backups / kept, database)
+    code, output = run_cli(["backup", "restore", kept, "--yes"], cwd=workdir)  # undone
+    assert code == 0, output
+    assert user_ids(f"sqlite:///{database}") == list(range(1, 306))

@@ -99,14 +99,6 @@ def prepare(backups: Backups, name: str, progress: Progress, limits: Limits) -> 
     return RestoreCandidate(name, path, raw, facts, record, staging)
 
 
-def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def prepare_raw(
     backups: Backups, label: str, raw: Path, progress: Progress, limits: Limits
 ) -> RestoreCandidate:
@@ -161,6 +153,14 @@ def keep_current(
                 backups.store.delete(kept.safety.path)
             raise
     return kept
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _keep(
