@@ -16,7 +16,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -89,18 +89,25 @@ def _break_an_index(database: Path) -> None:
     assert quick == "ok" and full != "ok", (quick, full)
 
 
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
 def _rewritten(backup: Backup, content: Path) -> Backup:
     """``backup``'s file replaced by ``content`` compressed, and its manifest by one that
-    matches it: sha256 of file and content, as a backup taken and checked would have."""
+    matches it: sha256 of file and content, as a backup taken and fully checked would have
+    (``full_check`` passed, where manifests record it)."""
     data = content.read_bytes()
     packed = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data)
     backup.path.write_bytes(packed)
+    checked = {"full_check": "passed"} if "full_check" in _fields(Backup) else {}
     record = replace(
         backup,
         size_bytes=len(packed),
         sha256=hashlib.sha256(packed).hexdigest(),
         content_bytes=len(data),
         content_sha256=hashlib.sha256(data).hexdigest(),
+        **checked,
     )
     manifest_path(backup.path).write_text(record.to_json())
     return record
