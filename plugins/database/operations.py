@@ -12,8 +12,9 @@ it runs:
                ``[offsite] url`` is set; outside the backup lock; a failed upload is recorded,
                never fails the backup)
 ``restore``    in use elsewhere? -> (gone locally: fetch the off-site copy) -> verify -> pause
-               -> safety copy -> swap -> reopen -> migrate -> (fetched, and another setup's
-               copy: adopt the copies off-site, outside the pause)
+               -> keep the live database (SQLite: by a second name, listed as pre-restore;
+               else a safety copy) -> swap -> reopen -> migrate -> (fetched, and another
+               setup's copy: adopt the copies off-site, outside the pause)
 ``restore_replica``  the replica's state (newest, or at a time) into a staging file -> ``restore``
 """
 
@@ -44,6 +45,7 @@ from .backup.pipeline import Backups
 from .backup.restore import (
     RestoreCandidate,
     RestoreReport,
+    forget_unswapped,
     keep_current,
     prepare,
     prepare_raw,
@@ -209,6 +211,7 @@ class Operations:
     def clean_leftovers(self) -> None:
         try:
             self.backups.cleanup()
+            forget_unswapped(self.backups)
         except UnsafePath as error:  # the backup or restore that needs the directory says so
             log.debug("not cleaning up: %s", error)
         except (OSError, DatabaseError) as error:
@@ -358,15 +361,16 @@ class Operations:
                     candidate = prepare(backups, name, report, limits)
                 try:
                     with backups.engine.exclusive(), pause():
-                        safety, damaged = keep_current(backups, candidate, report, limits)
-                        self.database.release()
+                        self.database.release()  # the file alone is the database after this
                         self.migrator.close()
                         try:
-                            set_aside = swap(backups, candidate, set_aside_damaged=damaged)
-                        except BackupError:
+                            kept = keep_current(backups, candidate, report, limits)
+                            set_aside = swap(backups, candidate, kept)
+                        except BaseException:
                             with contextlib.suppress(Exception):
                                 self.database.connect()
                             raise
+                        safety = kept.safety
                         swapped = True
                         report("restore", 1, 1)
                         if self.database.file is not None:  # its position is of the old file
@@ -386,9 +390,7 @@ class Operations:
             f"; the previous database is saved as {safety.name}" if safety else "",
             elapsed,
         )
-        return RestoreReport(
-            name, version, safety, reopened, round(elapsed, 3), set_aside, adopted
-        )
+        return RestoreReport(name, version, safety, reopened, round(elapsed, 3), set_aside, adopted)
 
     # -- restoring from the replica (offsite/replica.py) ---------------------------------------
 

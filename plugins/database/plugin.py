@@ -261,7 +261,12 @@ class DatabasePlugin(Plugin):
             report = await asyncio.to_thread(
                 ops.restore, name, pause=lambda: ops.database.paused(loop), progress=progress
             )
-        if self.uploads is not None and report.safety is not None:
+        if report.safety is not None and report.safety.pending_compression:
+            if self._deferred is None or self._deferred.done():  # it uploads when done
+                self._deferred = asyncio.create_task(
+                    self._compress_deferred(), name="dbkeeper-deferred-compression"
+                )
+        elif self.uploads is not None and report.safety is not None:
             self.uploads.request()  # the copy of what was replaced
         return report
 

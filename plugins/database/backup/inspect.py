@@ -1,11 +1,14 @@
 """Proving a backup file is what it claims to be, and fit to replace the live database.
 
 Checks run cheapest first, so the message names the first thing wrong: a bad name or an empty
-file, then the file's size and sha256 against its manifest, then the whole content through the
-decompressor (whose own checks catch truncation and flipped bits), then the engine's check of
-the database inside (SQLite's integrity check, every byte through ``pg_restore``), then the
-rows and revision against the manifest, then whether this code may run on that schema.
-Backups without a manifest (copied in by hand) get every check but the checksums.
+file, then the file's size, then the whole content through the decompressor (whose own checks
+catch truncation and flipped bits) with the sha256 of the file and of the content taken on the
+way and compared with the manifest (a damaged file is named as not the manifest's), then the
+engine's check of the database inside (SQLite's integrity check, every byte through
+``pg_restore``), then the rows and revision against the manifest, then whether this code may
+run on that schema. Backups without a manifest (copied in by hand) get every check but the
+checksums. A restore (``trust``) skips the engine's check of a backup whose manifest says it
+passed it: the two sha256 prove the staged copy holds exactly the bytes that were checked.
 """
 
 from __future__ import annotations
@@ -15,9 +18,34 @@ from typing import Any, Protocol
 
 from ..errors import InvalidBackup
 from ..migrate.bookkeeping import HISTORY_TABLE, VERSION_TABLE
-from .compression import CorruptData, codec_for_suffix, create_private, decompress, hash_file
+from .compression import (
+    CorruptData,
+    Digest,
+    codec_for_suffix,
+    create_private,
+    decompress,
+    hash_file,
+)
 from .engines.base import BackupEngine, ContentFacts, Limits, Progress
 from .manifest import Backup
+
+# The phase a restore records for the database it replaced, kept as it was (``restore.py``):
+# that copy was never checked.
+SET_ASIDE_PHASE = "set aside"
+
+
+def trusted(manifest: Backup) -> bool:
+    """Whether ``manifest`` says its content passed the full check, so that matching file and
+    content sha256 prove a copy holds those very bytes (no need to check it again).
+
+    The manifest's own record of its checks (issue 14, part A) decides once it is there;
+    until then, every backup dbkeeper took passed the full check before it was listed,
+    except the replaced database a restore set aside.
+    """
+    checked = getattr(manifest, "fully_checked", None)
+    if isinstance(checked, bool):
+        return checked
+    return SET_ASIDE_PHASE not in manifest.phases
 
 
 class RevisionSource(Protocol):
@@ -40,11 +68,20 @@ class BackupInspector:
         target: Path | None,
         progress: Progress,
         limits: Limits,
+        *,
+        trust: bool = False,
     ) -> tuple[Path, ContentFacts]:
-        """Every check; returns the raw copy (``target`` or ``path`` itself) and what it holds."""
+        """Every check; returns the raw copy (``target`` or ``path`` itself) and what it holds.
+
+        ``trust``: a backup whose manifest says its content passed the full check is not
+        checked again once its file and content sha256 match the manifest (``trusted``).
+        """
         raw = self.unpack(path, manifest, target, progress, limits)
-        facts = self.engine.check(raw, progress, limits)
-        self.compare(path.name, manifest, facts)
+        if trust and manifest is not None and trusted(manifest):
+            facts = ContentFacts(manifest.schema_revision, dict(manifest.tables))
+        else:
+            facts = self.engine.check(raw, progress, limits)
+            self.compare(path.name, manifest, facts)
         self.admissible(path.name, facts)
         return raw, facts
 
@@ -70,26 +107,22 @@ class BackupInspector:
             raise InvalidBackup(
                 f"{name} is a {theirs} backup, and this database is {self.engine.kind}"
             )
-        if manifest is not None:
-            if manifest.size_bytes != size:
-                raise InvalidBackup(
-                    f"{name} is {size} bytes but its manifest says {manifest.size_bytes}: the "
-                    "file was truncated or replaced since it was made"
-                )
-            digest = hash_file(path, lambda done: progress("checksum", done, size), limits.check)
-            if digest.sha256 != manifest.sha256:
-                raise InvalidBackup(
-                    f"{name} does not match its manifest: its sha256 is {digest.sha256[:16]}…, "
-                    f"the manifest says {manifest.sha256[:16]}…; the file is damaged"
-                )
+        if manifest is not None and manifest.size_bytes != size:
+            raise InvalidBackup(
+                f"{name} is {size} bytes but its manifest says {manifest.size_bytes}: the "
+                "file was truncated or replaced since it was made"
+            )
         codec = codec_for_suffix(name)
         if codec == "none" and target is None:
+            if manifest is not None:
+                self._same_file(path, manifest, self._hash(path, size, progress, limits))
             return path
         if target is None:
             raise ValueError("a compressed backup needs a target to decompress into")
+        # One pass: the file's sha256 is taken while it is decompressed.
         try:
             with create_private(target) as sink:
-                _, content = decompress(
+                file, content = decompress(
                     path,
                     codec,
                     sink,
@@ -98,13 +131,29 @@ class BackupInspector:
                 )
                 sink.flush()
         except CorruptData as error:
+            if manifest is not None:  # a damaged file: say that it is not the manifest's
+                self._same_file(path, manifest, self._hash(path, size, progress, limits))
             raise InvalidBackup(f"{name} is damaged: {error}") from None
-        if manifest is not None and content.sha256 != manifest.content_sha256:
-            raise InvalidBackup(
-                f"{name} decompresses to data whose sha256 differs from the manifest's: the "
-                "backup is damaged"
-            )
+        if manifest is not None:
+            self._same_file(path, manifest, file)
+            if content.sha256 != manifest.content_sha256:
+                raise InvalidBackup(
+                    f"{name} decompresses to data whose sha256 differs from the manifest's: "
+                    "the backup is damaged"
+                )
         return target
+
+    @staticmethod
+    def _hash(path: Path, size: int, progress: Progress, limits: Limits) -> Digest:
+        return hash_file(path, lambda done: progress("checksum", done, size), limits.check)
+
+    @staticmethod
+    def _same_file(path: Path, manifest: Backup, digest: Digest) -> None:
+        if digest.sha256 != manifest.sha256:
+            raise InvalidBackup(
+                f"{path.name} does not match its manifest: its sha256 is {digest.sha256[:16]}…, "
+                f"the manifest says {manifest.sha256[:16]}…; the file is damaged"
+            )
 
     def compare(self, name: str, manifest: Backup | None, facts: ContentFacts) -> None:
         if manifest is None:

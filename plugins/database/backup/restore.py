@@ -1,9 +1,14 @@
 """The parts of a restore. The workflow itself, in order, is ``Operations.restore``:
 
 verify (``prepare``: the backup proven sound into a staging copy, the live database untouched;
-``prepare_raw``: the same for a database file obtained elsewhere, a restore from the replica)
--> pause the bot's database work -> safety copy (``keep_current``) -> swap (``swap``) ->
-reopen -> migrate forward.
+a backup whose manifest says it passed the full check is proven by its file and content
+sha256 alone; ``prepare_raw``: the full check of a database file obtained elsewhere, a restore
+from the replica) -> pause the bot's database work -> keep the live database
+(``keep_current``: by a second name in the backup directory, or a safety copy) -> swap
+(``swap``) -> reopen -> migrate forward.
+
+At its peak a SQLite restore holds the live file and the staging copy: twice the database
+(the backup being restored aside), never a third copy.
 
 None of these parts calls back into the workflow; each says what it did.
 """
@@ -12,15 +17,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackupError, InvalidBackup
+from dbkeeper.texts import size as size_text
+
+from ..errors import BackupError, BackupInProgress, InvalidBackup
+from .compression import hash_file
 from .engines.base import ContentFacts, Limits, Progress
+from .engines.sqlite import SqliteBackupEngine
+from .inspect import SET_ASIDE_PHASE, trusted
 from .manifest import Backup, BadManifest, read_manifest
 from .pipeline import UNTRUSTED, Backups
-from .store import remove
+from .store import NAME_PATTERN, PREFIX, remove
 
 log = logging.getLogger("dbkeeper.backup")
 UNCHANGED = "The live database was not touched."
@@ -66,7 +81,7 @@ def prepare(backups: Backups, name: str, progress: Progress, limits: Limits) -> 
         raise InvalidBackup(f"cannot restore {name}: {error}. {UNTRUSTED}") from None
     staging = backups.engine.staging()
     try:
-        raw, facts = backups.inspector.inspect(path, record, staging, progress, limits)
+        raw, facts = backups.inspector.inspect(path, record, staging, progress, limits, trust=True)
     except InvalidBackup as error:
         if staging is not None:
             remove(staging)
@@ -79,6 +94,8 @@ def prepare(backups: Backups, name: str, progress: Progress, limits: Limits) -> 
         raise
     if record is None:
         log.warning("%s has no manifest: restoring on its own checks alone", name)
+    elif trusted(record):
+        log.info("%s matches its manifest (file and content sha256): checked when taken", name)
     return RestoreCandidate(name, path, raw, facts, record, staging)
 
 
@@ -103,17 +120,146 @@ def prepare_raw(
     return RestoreCandidate(label, raw, raw, facts, None, raw)
 
 
+@dataclass(frozen=True)
+class Kept:
+    """What a restore keeps of the database it replaces (``keep_current``)."""
+
+    safety: Backup | None = None  # listed: the live file itself set aside, or a verified copy
+    linked: bool = False  # ``safety`` is a second name of the live file until the swap
+    damaged: bool = False  # no listed copy can be made of it: ``swap`` keeps it beside itself
+
+
 def keep_current(
     backups: Backups, candidate: RestoreCandidate, progress: Progress, limits: Limits
-) -> tuple[Backup | None, bool]:
-    """A verified safety copy of the live database (``pre-restore``), while holding
-    ``backups.exclusive``. Returns (the copy, whether the live database is too damaged to copy:
-    then it is set aside by ``swap`` instead)."""
-    if not backups.engine.live_exists():
-        return None, False
+) -> Kept:
+    """Keep the live database before it is replaced, while holding ``backups.exclusive`` and
+    with every connection to it closed; meanwhile the candidate reaches the disk (fsync), so
+    that it is whole before it is renamed into place.
+
+    A SQLite file whose backup directory is on the same file system is kept as it is: a
+    second name in the backup directory, listed as a ``pre-restore`` backup kept raw and
+    compressed later (``Backups.compress_pending``); nothing is copied, and the swap then
+    only renames the staging copy over the live path. Otherwise (another file system, a log
+    another process holds, PostgreSQL) a verified ``pre-restore`` backup is taken as before.
+    A database too damaged to be read is set aside beside itself by ``swap``.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="dbkeeper-restore-sync") as pool:
+        synced = pool.submit(_sync, candidate.raw)
+        kept = _keep(backups, candidate, progress, limits)
+        try:
+            synced.result()
+        except BaseException:
+            if kept.linked and kept.safety is not None:  # the live file stays: no backup
+                backups.store.delete(kept.safety.path)
+            raise
+    return kept
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _keep(
+    backups: Backups, candidate: RestoreCandidate, progress: Progress, limits: Limits
+) -> Kept:
+    engine = backups.engine
+    if not engine.live_exists():
+        return Kept()
     backups.restoring = candidate.path  # rotation must not take what is being restored
     try:
-        return backups.take("pre-restore", limits, progress), False
+        if isinstance(engine, SqliteBackupEngine):
+            try:
+                return _set_aside(backups, engine, progress, limits)
+            except InvalidBackup as error:
+                log.warning("the live database cannot be read (it %s)", error)
+                return Kept(damaged=True)
+            except (BackupError, OSError) as error:
+                log.warning(
+                    "the live database cannot be kept by a second name (%s): taking a copy of "
+                    "it instead (a verified pre-restore backup)",
+                    error,
+                )
+        return _safety_copy(backups, progress, limits)
+    finally:
+        backups.restoring = None
+
+
+def _set_aside(
+    backups: Backups, engine: SqliteBackupEngine, progress: Progress, limits: Limits
+) -> Kept:
+    """The live file gets a second name in the backup directory, listed as the pre-restore
+    backup it is: checkpointed first, then hashed while ``quick_check`` reads it (what a
+    listed backup needs; its full check is not run: ``trusted`` is False for it)."""
+    started = time.monotonic()
+    engine.settle()
+    store = backups.store
+    store.ensure()
+    created_at, stem = store.claim_time(backups.now, backups._sleep)
+    link = store.temp(stem + engine.raw_suffix)
+    engine.link_to(link)
+    try:
+        size = link.stat().st_size
+        # Its checks and its checksum on two threads: both read the same cached pages.
+        abandon = threading.Event()
+        with ThreadPoolExecutor(1, thread_name_prefix="dbkeeper-restore-check") as pool:
+            examined = pool.submit(engine.quick_check, link, progress, limits.also(abandon))
+            try:
+                digest = hash_file(
+                    link, lambda done: progress("checksum", done, size), limits.check
+                )
+            except BaseException:
+                abandon.set()
+                raise
+            facts = examined.result()
+        settings = backups.settings
+        pending = settings.compression if size >= settings.compress_min_bytes else None
+        record = Backup(
+            name=stem + engine.raw_suffix,
+            created_at=created_at,
+            reason="pre-restore",
+            engine=engine.kind,
+            compression=engine.raw_compression,
+            size_bytes=digest.bytes,
+            sha256=digest.sha256,
+            content_bytes=digest.bytes,
+            content_sha256=digest.sha256,
+            schema_revision=facts.revision,
+            schema_version=int(backups.schema.version_of(facts.revision)),
+            tables={k: v for k, v in facts.tables.items() if v is not None},
+            duration_seconds=round(time.monotonic() - started, 3),
+            phases={SET_ASIDE_PHASE: round(time.monotonic() - started, 3)},
+            pending_compression=None if pending == "none" else pending,
+            source=engine.source(),
+            tool=f"{engine.tool()}: the replaced file itself, kept by a second name",
+            **_checks_pending(created_at),
+        )
+        info = store.commit(link, record)
+    except BaseException:
+        remove(link)
+        raise
+    log.info(
+        "the live database is kept as %s (%s, by a second name: nothing copied)",
+        info.name,
+        size_text(info.size_bytes),
+    )
+    backups._rotate(info)
+    return Kept(info, linked=True)
+
+
+def _checks_pending(at: datetime) -> dict[str, Any]:
+    """The manifest's record of its checks: ``quick_check`` passed, the full check still to
+    run (the background checks take it)."""
+    return {"quick_check_at": at.isoformat(timespec="seconds"), "full_check": "pending"}
+
+
+def _safety_copy(backups: Backups, progress: Progress, limits: Limits) -> Kept:
+    """A verified ``pre-restore`` backup of the live database (a copy)."""
+    try:
+        return Kept(backups.take("pre-restore", limits, progress))
     except BackupError as error:
         damaged = isinstance(error.__cause__, InvalidBackup)
         if not (damaged and backups.engine.can_set_aside):
@@ -121,36 +267,75 @@ def keep_current(
                 f"restore stopped before touching the live database: the safety backup of it "
                 f"failed ({error}). Nothing was changed."
             ) from error
-        return None, True
-    finally:
-        backups.restoring = None
+        return Kept(damaged=True)
 
 
-def swap(backups: Backups, candidate: RestoreCandidate, *, set_aside_damaged: bool) -> list[Path]:
+def swap(backups: Backups, candidate: RestoreCandidate, kept: Kept) -> list[Path]:
     """Put the candidate in place of the live database (every connection is closed).
 
-    A damaged live database first gets a second name (its very bytes kept) while it stays in
-    place; then one rename puts the candidate over it. There is a database file at every
-    instant. On failure the live database is as it was; the error says so.
+    The live database already has a second name (the pre-restore backup, or, damaged, a
+    name beside it) while it stays in place; then one rename puts the candidate over it.
+    There is a database file at every instant. On failure the live database is as it was
+    (its second name in the backup directory goes); the error says so.
     """
     engine = backups.engine
     set_aside: list[Path] = []
     try:
-        if set_aside_damaged:
+        if kept.damaged:
             set_aside = engine.set_aside(f"damaged-{backups.store.stem(backups.now())}")
             log.warning(
-                "the live database fails its integrity check, so no verified safety backup of "
-                "it can exist; it is kept as it was: %s",
+                "the live database fails its checks, so no backup of it can be listed; it is "
+                "kept as it was: %s",
                 ", ".join(str(path) for path in set_aside),
             )
         engine.replace_live(candidate.raw)
     except BaseException as error:
         with contextlib.suppress(Exception):
             engine.put_back(set_aside)
+        if kept.linked and kept.safety is not None:
+            with contextlib.suppress(Exception):
+                backups.store.delete(kept.safety.path)
         raise BackupError(
             f"restoring {candidate.name} failed while replacing the database: {error}. The "
             "live database is as it was."
         ) from error
+    if kept.linked and kept.safety is not None:  # it is the backup's own file now
+        with contextlib.suppress(OSError):
+            os.chmod(kept.safety.path, 0o600)
     if candidate.raw == candidate.staging:
         candidate.staging = None  # it is the live database now
     return set_aside
+
+
+def forget_unswapped(backups: Backups) -> list[Path]:
+    """Remove backups that are the live database file itself (a restore killed between
+    setting it aside and its swap): not a backup, the next write would change it.
+
+    Holds the backup directory, like ``Backups.cleanup``; nothing while another process
+    holds it (its restore may still be running).
+    """
+    engine = backups.engine
+    if not isinstance(engine, SqliteBackupEngine) or not engine.live_exists():
+        return []
+    assert engine.file is not None
+    directory = backups.store.directory
+    with contextlib.suppress(OSError):
+        if engine.file.stat().st_nlink < 2 or not directory.is_dir():
+            return []
+    found: list[Path] = []
+    try:
+        with backups.exclusive("cleanup", wait=False, limits=Limits()):
+            for path in sorted(directory.glob(f"{PREFIX}*{engine.raw_suffix}")):
+                with contextlib.suppress(OSError):
+                    if NAME_PATTERN.match(path.name) and os.path.samefile(path, engine.file):
+                        backups.store.delete(path)
+                        found.append(path)
+    except BackupInProgress:
+        return []
+    if found:
+        log.info(
+            "removed %s: the live database by a second name, left by a restore interrupted "
+            "before its swap (the live database is as it was)",
+            ", ".join(path.name for path in found),
+        )
+    return found

@@ -323,6 +323,37 @@ class SqliteBackupEngine:
         except OSError as error:  # the rename is done: the restore is not to be undone now
             log.warning("could not fsync %s after the restore: %s", self.file.parent, error)
 
+    def settle(self) -> None:
+        """Make the database file alone the whole database (every connection of the bot is
+        closed): a TRUNCATE checkpoint moves the write-ahead log into the file and empties it
+        (a rollback journal left by a crashed writer is rolled back by opening it), so the
+        file can be kept as it is, by a second name. ``BackupError``: the log cannot be
+        emptied (another process reads it): keep a copy instead.
+        """
+        assert self.file is not None
+        connection = sqlite3.connect(
+            _uri(self.file, mode="rw"), uri=True, timeout=self.busy_timeout, isolation_level=None
+        )
+        try:
+            if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                busy, _, _ = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if busy:
+                    raise BackupError("another process reads its write-ahead log")
+        except sqlite3.DatabaseError as error:
+            raise BackupError(f"it cannot be checkpointed ({error})") from error
+        finally:
+            connection.close()
+        for suffix in ("-wal", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                if self._side(suffix).stat().st_size > 0:
+                    raise BackupError(f"its {suffix[1:]} file still holds changes")
+
+    def link_to(self, target: Path) -> None:
+        """``target`` (absent) becomes a second name of the live file: no byte is copied.
+        ``OSError`` (``EXDEV``) when it is on another file system."""
+        assert self.file is not None
+        os.link(self.file, target, follow_symlinks=False)
+
     def set_aside(self, label: str) -> list[Path]:
         """``bot.db`` -> also ``bot.db.<label>`` (its ``-wal`` and journal too: they may hold
         committed rows): a second name for the very same bytes, while the live file stays
