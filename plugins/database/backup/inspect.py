@@ -15,7 +15,14 @@ from typing import Any, Protocol
 
 from ..errors import InvalidBackup
 from ..migrate.bookkeeping import HISTORY_TABLE, VERSION_TABLE
-from .compression import CorruptData, codec_for_suffix, create_private, decompress, hash_file
+from .compression import (
+    SUFFIXES,
+    CorruptData,
+    codec_for_suffix,
+    create_private,
+    decompress,
+    hash_file,
+)
 from .engines.base import BackupEngine, ContentFacts, Limits, Progress
 from .manifest import Backup
 
@@ -65,8 +72,10 @@ class BackupInspector:
         size = path.stat().st_size
         if size == 0:
             raise InvalidBackup(f"{name} is empty (0 bytes)")
-        if name.endswith(".dump") != (self.engine.raw_suffix == ".dump"):
-            theirs = "PostgreSQL" if name.endswith(".dump") else "SQLite"
+        codec = codec_for_suffix(name)
+        dump = name.removesuffix(SUFFIXES[codec]).endswith(".dump")
+        if dump != (self.engine.raw_suffix == ".dump"):
+            theirs = "PostgreSQL" if dump else "SQLite"
             raise InvalidBackup(
                 f"{name} is a {theirs} backup, and this database is {self.engine.kind}"
             )
@@ -82,7 +91,6 @@ class BackupInspector:
                     f"{name} does not match its manifest: its sha256 is {digest.sha256[:16]}…, "
                     f"the manifest says {manifest.sha256[:16]}…; the file is damaged"
                 )
-        codec = codec_for_suffix(name)
         if codec == "none" and target is None:
             return path
         if target is None:

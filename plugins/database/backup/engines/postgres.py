@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -31,9 +32,12 @@ from ...children import kill_group as _kill_group
 from ...engines import create_database_engine, database_url, safe_url
 from ...errors import BackupError, InvalidBackup
 from ...settings import DatabaseSettings
+from ..store import remove
 from .base import ContentFacts, Interrupted, Limits, Progress
 
 POLL_SECONDS = 0.2
+ZSTD_PG_DUMP = 16  # the first pg_dump with --compress=zstd
+STAGING_PREFIX = ".dbkeeper-restore-"  # a compressed dump, decompressed for pg_restore
 RESTORE_LOCK_TIMEOUT = "60s"  # pg_restore gives up (and rolls back) rather than wait forever
 _VERSION = re.compile(r"\(PostgreSQL\)\s+((\d+)[\d.]*)")
 _TOC_TABLE = re.compile(r"^\d+; \d+ \d+ TABLE (?!DATA )(\S+) (\S+) ")
@@ -55,17 +59,32 @@ def _quoted(name: str) -> str:
 
 
 class PostgresBackupEngine:
+    """``compression = "zstd"``: pg_dump 16 and later compress with zstd themselves (a
+    ``.dump``); older ones write an uncompressed archive (``-Z0``) that the pipeline
+    compresses like a SQLite copy (a ``.dump.zst``). Otherwise pg_dump's own zlib (``.dump``).
+    """
+
     kind = "postgresql"
     raw_suffix = ".dump"
-    compressible = False  # the custom format is compressed by pg_dump itself
-    raw_compression = "custom"
     can_set_aside = False  # a damaged server is PostgreSQL's to repair, not ours to rename
 
-    def __init__(self, database: DatabaseSettings, *, bin_dir: str = "") -> None:
+    def __init__(
+        self,
+        database: DatabaseSettings,
+        *,
+        bin_dir: str = "",
+        compression: str = "gzip",
+        staging_dir: Path | None = None,
+    ) -> None:
         self.database = database
         self.url = database_url(database)
         self.bin_dir = bin_dir
         self.connect_timeout = database.connect_timeout_seconds
+        self.staging_dir = staging_dir  # where a compressed dump is decompressed to restore it
+        self.zstd = compression == "zstd"
+        # Until pg_dump's version is known: an uncompressed archive for the pipeline's zstd.
+        self.compressible = self.zstd
+        self.raw_compression = "none" if self.zstd else "custom"
         self._tool = "pg_dump"
 
     # -- the live database --------------------------------------------------------------------
@@ -209,6 +228,7 @@ class PostgresBackupEngine:
         pg_dump = self.program("pg_dump")
         dump_version, dump_major = self.version(pg_dump)
         self._tool = f"pg_dump {dump_version}"
+        compress = self._compress_option(dump_major)
         with self._connected(limits) as connection:
             server = connection.execute(text("SHOW server_version")).scalar_one()
             server_major = int(connection.execute(text("SHOW server_version_num")).scalar_one())
@@ -231,6 +251,7 @@ class PostgresBackupEngine:
                     [
                         pg_dump,
                         "--format=custom",
+                        *compress,
                         f"--file={target}",
                         f"--snapshot={exported}",
                         "--no-password",
@@ -243,6 +264,17 @@ class PostgresBackupEngine:
             os.fsync(handle.fileno())
         progress("snapshot", _size_of(target), _size_of(target))
         return facts
+
+    def _compress_option(self, dump_major: int) -> list[str]:
+        """pg_dump's ``--compress``; sets what the pipeline does with the archive it writes."""
+        if not self.zstd:
+            self.compressible, self.raw_compression = False, "custom"
+            return []  # pg_dump's own zlib
+        if dump_major >= ZSTD_PG_DUMP:
+            self.compressible, self.raw_compression = False, "custom-zstd"
+            return ["--compress=zstd"]
+        self.compressible, self.raw_compression = True, "none"
+        return ["--compress=0"]
 
     @staticmethod
     def _facts(connection: Connection) -> ContentFacts:
@@ -306,11 +338,28 @@ class PostgresBackupEngine:
 
     # -- restoring ----------------------------------------------------------------------------
 
-    def staging(self) -> None:
-        return None  # pg_restore reads the dump where it is
+    def staging(self) -> Path | None:
+        """Where a compressed dump is decompressed for pg_restore: a private file of the
+        backup directory, removed after the restore (``leftovers`` names what a crash left;
+        not the store's temporary prefix: the safety backup would remove it while the restore
+        holds it). None: pg_restore reads the backup file itself."""
+        if self.staging_dir is None:
+            return None
+        name = f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}{self.raw_suffix}"
+        return self.staging_dir / name
 
     def replace_live(self, raw: Path) -> None:
-        """One transaction: every object of the dump dropped and recreated, or nothing."""
+        """One transaction: every object of the dump dropped and recreated, or nothing.
+
+        A staging copy (``staging``) is removed once pg_restore is done with it, whatever it
+        did: unlike SQLite's, it never becomes the live database."""
+        try:
+            self._restore(raw)
+        finally:
+            if raw.name.startswith(STAGING_PREFIX):
+                remove(raw)
+
+    def _restore(self, raw: Path) -> None:
         pg_restore = self.program("pg_restore")
         environment = self._environment()
         options = environment.get("PGOPTIONS", "")
@@ -350,7 +399,9 @@ class PostgresBackupEngine:
         pass
 
     def leftovers(self) -> list[Path]:
-        return []
+        if self.staging_dir is None or not self.staging_dir.is_dir():
+            return []
+        return sorted(self.staging_dir.glob(f"{STAGING_PREFIX}*"))
 
     def side_file(self, suffix: str) -> None:
         return None
