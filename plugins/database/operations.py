@@ -106,6 +106,7 @@ def backup_engine(database: DatabaseSettings, backup: BackupSettings) -> BackupE
             database,
             bin_dir=backup.pg_bin_dir,
             compression=backup.compression,
+            compress_min_bytes=backup.compress_min_bytes,
             staging_dir=Path(backup.dir),
         )
     return SqliteBackupEngine(file, busy_timeout_ms=database.busy_timeout_ms)

@@ -15,14 +15,19 @@ named.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import IO
 
+import zstandard
 from sqlalchemy import Connection, Engine, text
 
 from dbkeeper.logs import redact
@@ -32,6 +37,15 @@ from ...children import kill_group as _kill_group
 from ...engines import create_database_engine, database_url, safe_url
 from ...errors import BackupError, InvalidBackup
 from ...settings import DatabaseSettings
+from ..compression import (
+    CHUNK,
+    SUFFIXES,
+    ZSTD_LEVEL,
+    ZSTD_THREADS,
+    Digest,
+    create_private,
+    fsync_file,
+)
 from ..store import remove
 from .base import ContentFacts, Interrupted, Limits, Progress
 
@@ -74,6 +88,7 @@ class PostgresBackupEngine:
         *,
         bin_dir: str = "",
         compression: str = "gzip",
+        compress_min_bytes: int = 0,
         staging_dir: Path | None = None,
     ) -> None:
         self.database = database
@@ -81,6 +96,10 @@ class PostgresBackupEngine:
         self.bin_dir = bin_dir
         self.connect_timeout = database.connect_timeout_seconds
         self.staging_dir = staging_dir  # where a compressed dump is decompressed to restore it
+        self.compress_min_bytes = compress_min_bytes
+        # What ``_stream`` made of a raw copy it wrote: its check, and its zstd copy.
+        self._checked: dict[Path, tuple[int, ContentFacts]] = {}
+        self._streamed: dict[Path, tuple[Digest, Digest, Path]] = {}
         self.zstd = compression == "zstd"
         # Until pg_dump's version is known: an uncompressed archive for the pipeline's zstd.
         self.compressible = self.zstd
@@ -246,16 +265,15 @@ class PostgresBackupEngine:
             )
             with snapshot.begin():
                 exported = snapshot.execute(text("SELECT pg_export_snapshot()")).scalar_one()
+                command = [pg_dump, "--format=custom", *compress, f"--snapshot={exported}"]
+                command.append("--no-password")
+                if self.compressible and limits.deadline is None:
+                    facts = self._stream(command, snapshot, target, progress, limits)
+                    progress("snapshot", _size_of(target), _size_of(target))
+                    return facts
                 facts = self._facts(snapshot)
                 self._run(
-                    [
-                        pg_dump,
-                        "--format=custom",
-                        *compress,
-                        f"--file={target}",
-                        f"--snapshot={exported}",
-                        "--no-password",
-                    ],
+                    [*command, f"--file={target}"],
                     limits,
                     failure=lambda why: BackupError(f"pg_dump failed: {why}"),
                     watch=lambda: progress("snapshot", _size_of(target), None),
@@ -264,6 +282,91 @@ class PostgresBackupEngine:
             os.fsync(handle.fileno())
         progress("snapshot", _size_of(target), _size_of(target))
         return facts
+
+    def _stream(
+        self,
+        command: list[str],
+        snapshot: Connection,
+        target: Path,
+        progress: Progress,
+        limits: Limits,
+    ) -> ContentFacts:
+        """pg_dump's archive, as it comes, into ``target``, into zstd and into ``pg_restore -f
+        /dev/null`` at once, while the rows are counted in the same snapshot: the dump, its
+        compression and its check overlap as in ``pg_dump | tee >(pg_restore) | zstd``.
+
+        The compressed copy waits beside ``target`` for the pipeline (``packed_copy``), and
+        ``check`` answers for this very file without reading it again. ``target`` is fsynced
+        only when the pipeline keeps it raw (smaller than ``compress_min_bytes``).
+        """
+        packed = target.with_name(target.name + SUFFIXES["zstd"])
+        with contextlib.ExitStack() as stack:
+            errors = [stack.enter_context(tempfile.TemporaryFile()) for _ in range(2)]
+            dump = self._spawn(command, self._environment(), stdout=subprocess.PIPE, err=errors[0])
+            clean = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+            reader = self._spawn(
+                [self.program("pg_restore"), "--file=/dev/null"],
+                clean,
+                stdin=subprocess.PIPE,
+                err=errors[1],
+            )
+            try:
+                with ThreadPoolExecutor(1, thread_name_prefix="dbkeeper-backup-rows") as pool:
+                    counting = pool.submit(self._facts, snapshot)
+                    content, file = _tee(dump, reader, target, packed, progress, limits)
+                    facts = counting.result()
+                dump.wait()
+                reader.wait()
+            except BaseException:
+                for process in (dump, reader):
+                    _kill_group(process)
+                remove(packed)
+                raise
+            if dump.returncode != 0:
+                remove(packed)
+                raise BackupError(f"pg_dump failed: {_last_lines(errors[0], dump.returncode)}")
+            if reader.returncode != 0:
+                remove(packed)
+                why = _last_lines(errors[1], reader.returncode)
+                raise InvalidBackup(f"is damaged: pg_restore cannot read it all ({why})")
+        if content.bytes < self.compress_min_bytes:  # it stays raw: the backup is this file
+            remove(packed)
+            with open(target, "rb") as handle:
+                os.fsync(handle.fileno())
+        else:
+            self._streamed[target] = (content, file, packed)
+        self._checked[target] = (content.bytes, facts)
+        return facts
+
+    def _spawn(
+        self,
+        command: list[str],
+        environment: dict[str, str],
+        *,
+        err: IO[bytes],
+        stdin: int = subprocess.DEVNULL,
+        stdout: int = subprocess.DEVNULL,
+    ) -> subprocess.Popen[bytes]:
+        """A tool in a process group of its own that dies with this process (see ``_run``)."""
+        return subprocess.Popen(
+            command,
+            env=environment,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=err,
+            process_group=0,
+            preexec_fn=_dies_with(os.getpid()),
+        )
+
+    def packed_copy(self, raw: Path, packed: Path, codec: str) -> tuple[Digest, Digest] | None:
+        """The zstd copy ``snapshot`` made of ``raw`` while it was taken, moved to ``packed``;
+        (content, file) digests. None: there is none, the pipeline compresses ``raw``."""
+        made = self._streamed.pop(raw, None)
+        if made is None or codec != "zstd":
+            return None
+        content, file, source = made
+        os.replace(source, packed)
+        return content, file
 
     def _compress_option(self, dump_major: int) -> list[str]:
         """pg_dump's ``--compress``; sets what the pipeline does with the archive it writes."""
@@ -302,6 +405,9 @@ class PostgresBackupEngine:
         """The table of contents, every byte through ``pg_restore -f /dev/null``, the revision."""
         if raw.stat().st_size == 0:
             raise InvalidBackup("is empty (0 bytes)")
+        checked = self._checked.pop(raw, None)
+        if checked is not None and checked[0] == raw.stat().st_size:
+            return checked[1]  # read in full by pg_restore as it was written (``_stream``)
         pg_restore = self.program("pg_restore")
         environment = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         size = raw.stat().st_size
@@ -405,6 +511,58 @@ class PostgresBackupEngine:
 
     def side_file(self, suffix: str) -> None:
         return None
+
+
+def _tee(
+    dump: subprocess.Popen[bytes],
+    reader: subprocess.Popen[bytes],
+    target: Path,
+    packed: Path,
+    progress: Progress,
+    limits: Limits,
+) -> tuple[Digest, Digest]:
+    """pg_dump's stdout into ``target``, pg_restore's stdin and zstd (``packed``, fsynced);
+    (content, file) digests. A pg_restore that stops reading early is left to its exit status."""
+    assert dump.stdout is not None and reader.stdin is not None
+    content, written = hashlib.sha256(), hashlib.sha256()
+    sizes = [0, 0]
+    compressor = zstandard.ZstdCompressor(
+        level=ZSTD_LEVEL, write_checksum=True, threads=ZSTD_THREADS
+    )
+    stream = compressor.compressobj()
+    feeding = True
+    with open(target, "wb") as raw, create_private(packed) as out:
+
+        def emit(data: bytes) -> None:
+            if data:
+                written.update(data)
+                sizes[1] += len(data)
+                out.write(data)
+
+        while chunk := dump.stdout.read(CHUNK):
+            limits.check()
+            raw.write(chunk)
+            if feeding:
+                try:
+                    reader.stdin.write(chunk)
+                except BrokenPipeError:  # it failed; its exit status says why
+                    feeding = False
+            content.update(chunk)
+            sizes[0] += len(chunk)
+            emit(stream.compress(chunk))
+            progress("snapshot", sizes[0], None)
+        emit(stream.flush())
+        with contextlib.suppress(BrokenPipeError):
+            reader.stdin.close()
+        fsync_file(out)
+    return Digest(sizes[0], content.hexdigest()), Digest(sizes[1], written.hexdigest())
+
+
+def _last_lines(errors: IO[bytes], status: int | None) -> str:
+    errors.seek(0)
+    text = errors.read()[-4000:].decode(errors="replace")
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return redact("; ".join(lines[-3:]) or f"exit status {status}")
 
 
 def _size_of(path: Path) -> int:
