@@ -300,16 +300,14 @@ class PostgresBackupEngine:
         only when the pipeline keeps it raw (smaller than ``compress_min_bytes``).
         """
         packed = target.with_name(target.name + SUFFIXES["zstd"])
+        check = [self.program("pg_restore"), "--file=/dev/null"]  # reads its stdin
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         with contextlib.ExitStack() as stack:
             errors = [stack.enter_context(tempfile.TemporaryFile()) for _ in range(2)]
             dump = self._spawn(command, self._environment(), stdout=subprocess.PIPE, err=errors[0])
-            clean = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-            reader = self._spawn(
-                [self.program("pg_restore"), "--file=/dev/null"],
-                clean,
-                stdin=subprocess.PIPE,
-                err=errors[1],
-            )
+            stack.callback(_end, dump)
+            reader = self._spawn(check, clean, stdin=subprocess.PIPE, err=errors[1])
+            stack.callback(_end, reader)
             try:
                 with ThreadPoolExecutor(1, thread_name_prefix="dbkeeper-backup-rows") as pool:
                     counting = pool.submit(self._facts, snapshot)
@@ -318,8 +316,6 @@ class PostgresBackupEngine:
                 dump.wait()
                 reader.wait()
             except BaseException:
-                for process in (dump, reader):
-                    _kill_group(process)
                 remove(packed)
                 raise
             if dump.returncode != 0:
@@ -556,6 +552,16 @@ def _tee(
             reader.stdin.close()
         fsync_file(out)
     return Digest(sizes[0], content.hexdigest()), Digest(sizes[1], written.hexdigest())
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    """A tool still running when we leave (a failure, an interruption) is killed; pipes closed."""
+    if process.poll() is None:
+        _kill_group(process)
+    for pipe in (process.stdin, process.stdout):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 def _last_lines(errors: IO[bytes], status: int | None) -> str:
