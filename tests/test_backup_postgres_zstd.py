@@ -5,13 +5,14 @@ so the archive is written uncompressed and dbkeeper compresses it (a ``.dump.zst
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from dbkeeper.plugins.database.errors import InvalidBackup
+from dbkeeper.plugins.database.errors import BackupError, InvalidBackup
 from dbkeeper.plugins.database.operations import Operations
 from tests.conftest import SettingsFactory
 from tests.support.backups import SkippingClock, add_users, open_plugin, user_ids
@@ -160,3 +161,28 @@ def test_a_dump_below_compress_min_bytes_stays_an_uncompressed_archive(
     add_users(plugin, 2, start=10)
     plugin.restore(info.name)
     assert user_ids(postgres_url) == [1, 2, 3]
+
+
+def test_a_dump_that_pg_restore_cannot_read_as_it_streams_is_no_backup(
+    plugin_factory, tmp_path: Path
+) -> None:
+    """The check runs on the stream: when pg_restore refuses it, nothing is listed or left."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "pg_dump").symlink_to(shutil.which("pg_dump") or "pg_dump")
+    refuses = tools / "pg_restore"  # reads all it is given, then says it is damaged
+    refuses.write_text(
+        '#!/bin/sh\ncat > /dev/null\necho "pg_restore: error: invalid block type 9" >&2\nexit 1\n'
+    )
+    refuses.chmod(0o755)
+    plugin = plugin_factory(pg_bin_dir=str(tools))
+    add_users(plugin, 500, text_size=60)
+    with pytest.raises(BackupError) as caught:
+        plugin.backups.create("manual")
+    message = str(caught.value)
+    assert "failed verification" in message and "invalid block type 9" in message
+    assert plugin.backups.list() == []
+    assert [n for n in _files(plugin) if not n.startswith(".dbkeeper-last-failure")] in (
+        [],
+        [".dbkeeper-backup.lock"],
+    )
