@@ -1,27 +1,41 @@
-"""Backup benchmark: dbkeeper's backups against reference tools on the same ~1 GiB database.
+"""Backup benchmark: what a user runs, against reference pipelines, in one process run.
 
-    python bench/backup_bench.py                 # ~1 GiB database in bench/out/ (git-ignored)
-    python bench/backup_bench.py --size-mb 200   # a quicker run
+    python bench/backup_bench.py                       # 100 MB, 3 rounds (a few minutes)
+    python bench/backup_bench.py --sizes 100,1024,4096 # the issue's sizes (4 GiB: about an hour)
+    python bench/backup_bench.py --no-postgres         # SQLite only
 
-Every figure is measured in this run, on this machine, as a ratio to a reference tool on the
-same file, so the ratios travel between machines better than the seconds:
+For each size it builds a bot database once (``bench/out/``, git-ignored; the same rows in a
+PostgreSQL database ``dbkeeper_bench_<size>``), then runs rounds. In each round every
+contender runs once, dbkeeper's and the references interleaved, so that both see the same
+machine; the figures are medians over the rounds, as ratios of wall time and of CPU time.
 
-* uncompressed backup vs ``cp`` then ``sync`` of the copy, and vs ``sqlite3 .backup``;
-* gzip / zstd backups vs the same copy followed by ``gzip -6`` / ``zstd -3`` (and ``sync``);
-* peak memory of the process taking the backup (``VmHWM``, reset just before it starts);
-* the longest event-loop stall while the backup runs inside the bot's event loop, with bot
-  handlers reading the database through the service meanwhile.
+dbkeeper is timed as a user runs it: ``dbkeeper --config bench.toml backup create`` and
+``backup restore NAME --yes``, whole processes. "listed" is when ``backup create`` prints
+``created``; "full check done" is when the backup's manifest says ``full_check: passed``
+(polled; without that field the full check ran before the backup was listed). The in-process
+time of the pipeline (the manifest's ``duration_seconds``, what the bot measures) is shown
+beside it. The references (shell pipelines of the real tools) verify what dbkeeper verifies:
 
-Each dbkeeper backup runs in a child process: a real ``DatabasePlugin`` started on an event
-loop, ``await plugin.backup_now()``, with a 1 ms ticker measuring how late the loop wakes up.
-The source file is read once beforehand, so every contender reads it from the page cache.
+* zstd backup: ``cp; (zstd -3 ∥ sqlite3 quick_check); zstd -t; sync`` and ``cp; zstd -3; sync``
+* uncompressed backup: ``cp; sync``
+* full check done: ``cp; (zstd -3 ∥ sqlite3 integrity_check); zstd -t; sync``
+* restore: ``zstd -d; sync; mv``
+* PostgreSQL backup: ``pg_dump -Fc -Z0 | zstd -3; sync`` (the issue's) and
+  ``pg_dump -Fc -Z0; (zstd -3 ∥ pg_restore -f /dev/null); zstd -t; sync`` (what dbkeeper does)
+* PostgreSQL restore: ``zstd -dc | pg_restore --clean --single-transaction``
+
+CPU time is the user + system time of the process and every child it waited for (``wait4``);
+the PostgreSQL server's own work is not in it (both sides run the same pg_dump/pg_restore).
+How busy the machine was: the load average before each round, and the CPU time of every
+other process during each run (``/proc/stat`` minus ours). Peak memory is the largest RSS of
+one process of the tree; disk peak is how much the free space fell below its level at the
+start of the run (sampled every 20 ms).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
+import contextlib
 import json
 import os
 import random
@@ -30,13 +44,22 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "vo", "shi", "den", "pra", "stu", "qui"]
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+POLL = 0.02
+FULL_CHECK_DEADLINE = 3600.0
+TIMES = "\N{MULTIPLICATION SIGN}"
 
 
 def vocabulary(rng: random.Random, size: int = 3000) -> list[str]:
@@ -47,7 +70,8 @@ def vocabulary(rng: random.Random, size: int = 3000) -> list[str]:
 
 
 def generate(path: Path, size_mb: int) -> None:
-    """A bot database at head schema: users, chats and a large events log with text payloads."""
+    """A bot database at head schema: users, chats and a large events log with text payloads
+    in random order (the index on them is realistic: an integrity check walks it)."""
     from dbkeeper.config import settings_from_mapping
     from dbkeeper.plugins.database import DatabasePlugin
 
@@ -112,8 +136,75 @@ def generate(path: Path, size_mb: int) -> None:
 
 
 def _logical_size(connection: sqlite3.Connection) -> int:
-    pages = connection.execute("PRAGMA page_count").fetchone()[0]
-    return pages * connection.execute("PRAGMA page_size").fetchone()[0]
+    pages = int(connection.execute("PRAGMA page_count").fetchone()[0])
+    return pages * int(connection.execute("PRAGMA page_size").fetchone()[0])
+
+
+def generate_postgres(source: Path, database: str) -> str:
+    """The same rows in a PostgreSQL database of their own (migrated by dbkeeper); its URL."""
+    from sqlalchemy import create_engine, text
+
+    from dbkeeper.config import settings_from_mapping
+    from dbkeeper.plugins.database import DatabasePlugin
+
+    url = PG_ADMIN.rsplit("/", 1)[0] + "/" + database
+    lite = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    events = lite.execute("SELECT count(*) FROM events").fetchone()[0]
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        exists = connection.execute(
+            text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": database}
+        ).first()
+    if exists:  # built by an earlier run: reused when it holds the same rows
+        engine = create_engine(url)
+        with contextlib.suppress(Exception), engine.connect() as connection:
+            if connection.execute(text("SELECT count(*) FROM events")).scalar() == events:
+                engine.dispose()
+                admin.dispose()
+                lite.close()
+                return url
+        engine.dispose()
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        connection.execute(text(f'CREATE DATABASE "{database}"'))
+    admin.dispose()
+    settings = settings_from_mapping(
+        {"database": {"url": url}, "backup": {"dir": str(source.parent / "x")}}, environ={}
+    )
+    plugin = DatabasePlugin(settings)
+    plugin.operations.open()
+    plugin.operations.close()
+    engine = create_engine(url)
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        for table in ("users", "chats", "events"):
+            columns = [row[1] for row in lite.execute(f"PRAGMA table_info({table})")]
+            names = ", ".join(columns)
+            with cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+                for row in lite.execute(f"SELECT {names} FROM {table}"):
+                    copy.write_row(row)
+        raw.commit()
+    finally:
+        raw.close()
+        lite.close()
+        engine.dispose()
+    with create_engine(url, isolation_level="AUTOCOMMIT").connect() as connection:
+        connection.execute(text("VACUUM ANALYZE"))
+    return url
+
+
+def pg_size(url: str) -> int:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return int(
+                connection.execute(text("SELECT pg_database_size(current_database())")).scalar_one()
+            )
+    finally:
+        engine.dispose()
 
 
 def warm(path: Path) -> None:
@@ -122,271 +213,614 @@ def warm(path: Path) -> None:
             pass
 
 
-# -- reference tools ---------------------------------------------------------------------------
+# -- measuring one run -------------------------------------------------------------------------
 
 
-def timed(commands: list[list[str]] | list[str], shell: bool = False) -> float:
-    os.sync()  # every contender starts without dirty pages left by the one before
+@dataclass
+class Run:
+    wall: float  # seconds, start to exit
+    cpu: float  # user + system seconds of the process tree
+    rss: int  # bytes, the largest process of the tree (sampled every POLL)
+    others: float  # CPU seconds of every other process meanwhile
+    disk: int  # bytes: how far the free space fell below its level at the start
+    marks: dict[str, float] = field(default_factory=dict)  # event -> seconds from the start
+    cpu_marks: dict[str, float] = field(default_factory=dict)  # event -> CPU seconds by then
+    output: str = ""
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    return (sum(values[:8]) - idle) / CLOCK_TICKS
+
+
+def tree_cpu(pid: int) -> float:
+    """User + system seconds of ``pid`` and the children it has waited for, so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(v) for v in fields[11:15]) / CLOCK_TICKS  # utime stime cutime cstime
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, now."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{current}/task"):
+                text = Path(f"/proc/{current}/task/{task}/children").read_text()
+                queue += [int(child) for child in text.split()]
+    return found
+
+
+def peak_rss(pid: int) -> int:
+    """The largest peak RSS (``VmHWM``) of one process of the tree, in bytes. Not
+    ``ru_maxrss``: a child forked from this large process inherits its size until exec."""
+    peak = 0
+    for member in descendants(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+    return peak
+
+
+class DiskWatch:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.start = shutil.disk_usage(directory).free
+        self.lowest = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(POLL):
+            self.lowest = min(self.lowest, shutil.disk_usage(self.directory).free)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(0, self.start - self.lowest)
+
+
+def measure(
+    command: list[str] | str,
+    where: Path,
+    *,
+    env: dict[str, str] | None = None,
+    watch: Callable[[float], dict[str, float]] | None = None,
+    lines: dict[str, str] | None = None,
+) -> Run:
+    """Run ``command`` (a shell line if a string) to its end.
+
+    ``lines``: mark -> prefix of an output line; the time (and CPU time) it appeared is kept.
+    ``watch(start)``: polled while it runs and once after; returns marks found (a manifest).
+    """
+    os.sync()  # no dirty pages of the run before
+    marks: dict[str, float] = {}
+    cpu_marks: dict[str, float] = {}
+    output: list[str] = []
+    disk = DiskWatch(where)
+    busy = machine_busy()
     started = time.perf_counter()
-    for command in commands:
-        subprocess.run(command, check=True, shell=shell)
-    return time.perf_counter() - started
-
-
-def reference_copy(source: Path, scratch: Path) -> float:
-    copy = scratch / "copy.db"
-    copy.unlink(missing_ok=True)
-    seconds = timed([["cp", str(source), str(copy)], ["sync", str(copy)]])
-    copy.unlink()
-    return seconds
-
-
-def our_copy(source: Path, scratch: Path) -> float:
-    """dbkeeper's snapshot step alone (the copy and its fsync), as ``backup create`` takes it."""
-    from dbkeeper.plugins.database.backup.engines.base import Limits
-    from dbkeeper.plugins.database.backup.engines.sqlite import SqliteBackupEngine
-
-    copy = scratch / "ours.db"
-    copy.unlink(missing_ok=True)
-    subprocess.run(["sync"], check=True)
-    started = time.perf_counter()
-    SqliteBackupEngine(source).snapshot(copy, lambda *_: None, Limits(None, ()))
-    seconds = time.perf_counter() - started
-    copy.unlink()
-    return seconds
-
-
-def reference_sqlite3(source: Path, scratch: Path) -> float:
-    copy = scratch / "sqlite3.db"
-    copy.unlink(missing_ok=True)
-    seconds = timed([["sqlite3", str(source), f".backup '{copy}'"]])
-    copy.unlink()
-    return seconds
-
-
-def reference_compressed(source: Path, scratch: Path, codec: str) -> float:
-    copy = scratch / "copy.db"
-    copy.unlink(missing_ok=True)
-    packed = scratch / ("copy.db.gz" if codec == "gzip" else "copy.db.zst")
-    tool = (
-        f"gzip -6 -c {copy} > {packed}" if codec == "gzip" else f"zstd -3 -q -c {copy} > {packed}"
-    )
-    seconds = timed([f"cp {source} {copy}", tool, f"sync {packed}"], shell=True)
-    copy.unlink()
-    packed.unlink()
-    return seconds
-
-
-# -- dbkeeper, inside a bot's event loop (child process) -------------------------------------
-
-
-def status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-async def child(database: Path, directory: Path, codec: str) -> dict:
-    from sqlalchemy import text
-
-    from dbkeeper.config import settings_from_mapping
-    from dbkeeper.plugin import Deadline
-    from dbkeeper.plugins.database import DatabasePlugin
-
-    settings = settings_from_mapping(
-        {
-            "database": {"url": f"sqlite:///{database}"},
-            "migrations": {"auto_upgrade": False},
-            "backup": {
-                "dir": str(directory),
-                "compression": codec,
-                "compress_min_bytes": 0,
-                "on_shutdown": False,
-            },
-        },
-        environ={},
-    )
-    plugin = DatabasePlugin(settings)
-    await plugin.start()
-    gc.freeze()  # as the bot's lifecycle does once started
-    stop = asyncio.Event()
-    lateness: list[tuple[float, float]] = []  # (when the tick started, how late it woke up)
-    reads: list[float] = []
-    collections: list[tuple[float, float]] = []  # garbage collections: (start, end)
-
-    def on_gc(phase: str, _info: dict) -> None:
-        if phase == "start":
-            collections.append((time.perf_counter(), float("inf")))
-        elif collections:
-            collections[-1] = (collections[-1][0], time.perf_counter())
-
-    gc.callbacks.append(on_gc)
-
-    async def ticker() -> None:
-        while not stop.is_set():
-            started = time.perf_counter()
-            await asyncio.sleep(0.001)
-            lateness.append((started, time.perf_counter() - started - 0.001))
-
-    async def handler() -> None:  # what a bot handler does: a query through the service
-        while not stop.is_set():
-            started = time.perf_counter()
-            await plugin.database.read(
-                lambda s: s.execute(text("SELECT count(*) FROM users WHERE id < 100")).scalar()
-            )
-            reads.append(time.perf_counter() - started)
-            await asyncio.sleep(0.01)
-
-    baseline = status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak of the backup alone
-    tasks = [asyncio.create_task(ticker()), asyncio.create_task(handler())]
-    started = time.perf_counter()
-    info = await plugin.backup_now("manual")
-    seconds = time.perf_counter() - started
-    peak = status("VmHWM")
-    stop.set()
-    await asyncio.gather(*tasks)
-    gc.callbacks.remove(on_gc)
-
-    def during_gc(start: float, late: float) -> bool:
-        end = start + 0.001 + late
-        return any(a < end and b > start for a, b in collections)
-
-    others = [late for start, late in lateness if not during_gc(start, late)]
-    await plugin.stop(Deadline.after(30))
-    result = {
-        "codec": codec,
-        "seconds": seconds,
-        "phases": info.phases,
-        "size_bytes": info.size_bytes,
-        "content_bytes": info.content_bytes,
-        "baseline_rss": baseline,
-        "peak_rss": peak,
-        "max_stall_ms": max(late for _, late in lateness) * 1000,
-        "max_stall_without_gc_ms": max(others) * 1000,
-        "max_gc_ms": max((b - a for a, b in collections), default=0.0) * 1000,
-        "ticks": len(lateness),
-        "max_read_ms": max(reads) * 1000 if reads else None,
-        "reads": len(reads),
-    }
-    for backup in plugin.backups.list():
-        backup.path.unlink()
-        backup.path.with_name(backup.name + ".manifest.json").unlink()
-    return result
-
-
-def ours(database: Path, scratch: Path, codec: str) -> dict:
-    directory = scratch / f"backups-{codec}"
-    os.sync()
-    output = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--child",
-            codec,
-            "--database",
-            str(database),
-            "--out",
-            str(directory),
-        ],
-        check=True,
-        capture_output=True,
+    process = subprocess.Popen(
+        command,
+        shell=isinstance(command, str),
+        executable="/bin/bash" if isinstance(command, str) else None,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-    ).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    )
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            for mark, prefix in (lines or {}).items():
+                if mark not in marks and line.startswith(prefix):
+                    marks[mark] = time.perf_counter() - started
+                    cpu_marks[mark] = tree_cpu(process.pid)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    rss = 0
+    while True:
+        rss = max(rss, peak_rss(process.pid))  # before wait4: the process is still there
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        if watch is not None:
+            marks.update({k: v for k, v in watch(started).items() if k not in marks})
+        time.sleep(POLL)
+    wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    reader.join()
+    cpu = usage.ru_utime + usage.ru_stime
+    others = max(0.0, machine_busy() - busy - cpu)
+    run = Run(wall, cpu, rss, others, disk.stop(), marks, cpu_marks)
+    run.output = "".join(output)
+    if process.returncode != 0:
+        raise RuntimeError(f"{command!r} failed ({process.returncode}):\n{run.output[-3000:]}")
+    if watch is not None:  # what happens after the process (a background check) has a deadline
+        deadline = time.monotonic() + FULL_CHECK_DEADLINE
+        while True:
+            found = watch(started)
+            marks.update({k: v for k, v in found.items() if k not in marks})
+            if "pending" not in found or time.monotonic() > deadline:
+                break
+            time.sleep(POLL)
+        marks.pop("pending", None)
+    return run
 
 
-# -- the run -------------------------------------------------------------------------------------
+# -- dbkeeper, as a user runs it ---------------------------------------------------------------
 
 
-def mb(value: float) -> str:
-    return f"{value / 1e6:,.0f} MB"
+def write_config(path: Path, url: str, backups: Path, codec: str) -> Path:
+    path.write_text(
+        f'[database]\nurl = "{url}"\n\n'
+        f'[backup]\ndir = "{backups}"\ncompression = "{codec}"\ncompress_min_bytes = 0\n'
+        "keep = 1000\non_shutdown = false\n"
+    )
+    return path
+
+
+def dbkeeper(config: Path, *arguments: str) -> list[str]:
+    return [str(Path(sys.executable).with_name("dbkeeper")), "--config", str(config), *arguments]
+
+
+def newest_manifest(directory: Path, before: set[str]) -> dict[str, Any] | None:
+    names = sorted(
+        n for n in os.listdir(directory) if n.endswith(".manifest.json") and n not in before
+    )
+    for name in reversed(names):
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads((directory / name).read_text())
+            if data.get("reason") == "manual":
+                return dict(data)
+    return None
+
+
+def backup_create(config: Path, directory: Path) -> tuple[Run, dict[str, Any]]:
+    """``dbkeeper backup create``: listed (its ``created`` line), full check done (the manifest
+    says so, or the process ended when the manifest has no such field), the whole process."""
+    directory.mkdir(parents=True, exist_ok=True)
+    before = set(os.listdir(directory))
+
+    def full_check(started: float) -> dict[str, float]:
+        manifest = newest_manifest(directory, before)
+        if manifest is None or "full_check" not in manifest:
+            return {}
+        if manifest["full_check"] == "pending":
+            return {"pending": 0.0}
+        return {"full check done": time.perf_counter() - started}
+
+    run = measure(
+        dbkeeper(config, "backup", "create"),
+        directory,
+        watch=full_check,
+        lines={"listed": "created "},
+    )
+    manifest = newest_manifest(directory, before)
+    assert manifest is not None, run.output
+    if manifest.get("full_check", "passed") != "passed":
+        raise RuntimeError(f"the full check of {manifest['name']} did not pass: {manifest}")
+    run.marks.setdefault("listed", run.wall)
+    run.cpu_marks.setdefault("listed", run.cpu)
+    run.marks.setdefault("full check done", run.wall)
+    return run, manifest
+
+
+def remove_backups(directory: Path) -> None:
+    for item in directory.iterdir() if directory.is_dir() else []:
+        if item.is_file():
+            item.unlink()
+
+
+# -- the references ------------------------------------------------------------------------------
+
+
+def q(path: Path) -> str:
+    return "'" + str(path).replace("'", "'\\''") + "'"
+
+
+def ref_zstd_checked(source: Path, scratch: Path, check: str) -> str:
+    copy, packed = scratch / "ref.db", scratch / "ref.db.zst"
+    return (
+        f"rm -f {q(packed)}; cp {q(source)} {q(copy)} && "
+        f"{{ zstd -3 -q {q(copy)} -o {q(packed)} & "
+        f"test \"$(sqlite3 {q(copy)} 'PRAGMA {check}')\" = ok; c=$?; wait $!; z=$?; "
+        f"test $c = 0 -a $z = 0; }} && zstd -q -t {q(packed)} && sync {q(packed)} && "
+        f"rm {q(copy)} {q(packed)}"
+    )
+
+
+def ref_zstd(source: Path, scratch: Path) -> str:
+    copy, packed = scratch / "ref.db", scratch / "ref.db.zst"
+    return (
+        f"rm -f {q(packed)}; cp {q(source)} {q(copy)} && zstd -3 -q {q(copy)} -o {q(packed)} && "
+        f"sync {q(packed)} && rm {q(copy)} {q(packed)}"
+    )
+
+
+def ref_copy(source: Path, scratch: Path) -> str:
+    copy = scratch / "ref.db"
+    return f"cp {q(source)} {q(copy)} && sync {q(copy)} && rm {q(copy)}"
+
+
+def ref_restore(backup: Path, live: Path) -> str:
+    staging = live.with_name(live.name + ".ref-tmp")
+    return (
+        f"rm -f {q(staging)}; zstd -d -q {q(backup)} -o {q(staging)} && sync {q(staging)} && "
+        f"mv {q(staging)} {q(live)}"
+    )
+
+
+def pg_env(url: str) -> dict[str, str]:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(
+        PGHOST=parsed.host or "127.0.0.1",
+        PGPORT=str(parsed.port or 5432),
+        PGUSER=parsed.username or "postgres",
+        PGDATABASE=parsed.database or "",
+    )
+    return env
+
+
+def ref_pg_pipe(scratch: Path) -> str:
+    packed = scratch / "ref.dump.zst"
+    return (
+        f"set -o pipefail; pg_dump -Fc -Z0 | zstd -3 -q -o {q(packed)} -f && sync {q(packed)} && "
+        f"rm {q(packed)}"
+    )
+
+
+def ref_pg_checked(scratch: Path) -> str:
+    raw, packed = scratch / "ref.dump", scratch / "ref.dump.zst"
+    return (
+        f"rm -f {q(packed)}; pg_dump -Fc -Z0 -f {q(raw)} && "
+        f"{{ zstd -3 -q {q(raw)} -o {q(packed)} & pg_restore -f /dev/null {q(raw)}; c=$?; "
+        f"wait $!; z=$?; test $c = 0 -a $z = 0; }} && zstd -q -t {q(packed)} && "
+        f"sync {q(packed)} && rm {q(raw)} {q(packed)}"
+    )
+
+
+def ref_pg_restore(backup: Path) -> str:
+    return (
+        f"set -o pipefail; zstd -dc -q {q(backup)} | pg_restore --clean --if-exists "
+        '--single-transaction --no-owner -d "$PGDATABASE"'
+    )
+
+
+# -- rounds ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    name: str
+    run: Callable[[], Run]
+    results: list[Run] = field(default_factory=list)
+
+
+@dataclass
+class Comparison:
+    label: str
+    ours: str  # contender name
+    mark: str  # "wall" or a mark of the contender's runs
+    reference: str
+    target: float | None
+    manifest: str | None = None  # its in-process time: the manifests of this kind (listed)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def value(run: Run, mark: str) -> tuple[float, float]:
+    """(wall, CPU) of ``run`` up to ``mark``."""
+    if mark == "wall":
+        return run.wall, run.cpu
+    return run.marks[mark], run.cpu_marks.get(mark, run.cpu)
+
+
+def cell(text: str) -> str:
+    """``text`` for a Markdown table cell (a shell pipe would end the cell)."""
+    return text.replace("|", "\\|")
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def gb(value: float) -> str:
+    return f"{value / 1e9:,.2f} GB" if value >= 1e9 else f"{value / 1e6:,.0f} MB"
+
+
+def run_size(size_mb: int, out: Path, rounds: int, postgres: bool) -> list[str]:
+    database = out / f"bench-{size_mb}mb.db"
+    if not database.exists() or database.stat().st_size < size_mb * 1_000_000 * 0.95:
+        print(f"generating a {size_mb} MB bot database in {database} ...", flush=True)
+        started = time.perf_counter()
+        generate(database, size_mb)
+        print(f"  generated in {time.perf_counter() - started:.0f}s", flush=True)
+    scratch = out / f"scratch-{size_mb}mb"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    live = scratch / "live" / "bot.db"
+    live.parent.mkdir()
+    shutil.copyfile(database, live)
+    backups = {codec: scratch / f"backups-{codec}" for codec in ("zstd", "none")}
+    configs = {
+        codec: write_config(scratch / f"{codec}.toml", f"sqlite:///{live}", directory, codec)
+        for codec, directory in backups.items()
+    }
+    warm(live)
+    manifests: dict[str, list[dict[str, Any]]] = {}
+    last: dict[str, Path] = {}
+
+    def ours_create(codec: str, key: str) -> Callable[[], Run]:
+        def go() -> Run:
+            remove_backups(backups[codec])
+            run, manifest = backup_create(configs[codec], backups[codec])
+            manifests.setdefault(key, []).append(manifest)
+            last[key] = backups[codec] / manifest["name"]
+            return run
+
+        return go
+
+    def ours_restore() -> Run:
+        name = last["zstd"].name
+        run = measure(dbkeeper(configs["zstd"], "backup", "restore", name, "--yes"), scratch)
+        for item in backups["zstd"].iterdir():  # keep the backup, drop the safety copy
+            if not item.name.startswith(name):
+                item.unlink()
+        for item in live.parent.iterdir():  # and whatever the restore kept beside the database
+            if item.is_file() and not item.name.startswith(live.name):
+                item.unlink()
+        return run
+
+    contenders = [
+        Contender("dbkeeper zstd backup", ours_create("zstd", "zstd")),
+        Contender(
+            "cp; (zstd -3 ∥ quick_check); zstd -t; sync",
+            lambda: measure(ref_zstd_checked(live, scratch, "quick_check"), scratch),
+        ),
+        Contender("cp; zstd -3; sync", lambda: measure(ref_zstd(live, scratch), scratch)),
+        Contender(
+            "cp; (zstd -3 ∥ integrity_check); zstd -t; sync",
+            lambda: measure(ref_zstd_checked(live, scratch, "integrity_check"), scratch),
+        ),
+        Contender("dbkeeper restore", ours_restore),
+        Contender(
+            "zstd -d; sync; mv",
+            lambda: measure(ref_restore(last["zstd"], scratch / "ref-live.db"), scratch),
+        ),
+        Contender("dbkeeper uncompressed backup", ours_create("none", "none")),
+        Contender("cp; sync", lambda: measure(ref_copy(live, scratch), scratch)),
+    ]
+    comparisons = [
+        Comparison(
+            "zstd backup, listed",
+            "dbkeeper zstd backup",
+            "listed",
+            "cp; (zstd -3 ∥ quick_check); zstd -t; sync",
+            1.2,
+            "zstd",
+        ),
+        Comparison(
+            "zstd backup, listed",
+            "dbkeeper zstd backup",
+            "listed",
+            "cp; zstd -3; sync",
+            1.2,
+            "zstd",
+        ),
+        Comparison(
+            "zstd backup, full check done",
+            "dbkeeper zstd backup",
+            "full check done",
+            "cp; (zstd -3 ∥ integrity_check); zstd -t; sync",
+            1.2,
+        ),
+        Comparison(
+            "zstd backup, whole process",
+            "dbkeeper zstd backup",
+            "wall",
+            "cp; (zstd -3 ∥ integrity_check); zstd -t; sync",
+            None,
+        ),
+        Comparison(
+            "uncompressed backup, listed",
+            "dbkeeper uncompressed backup",
+            "listed",
+            "cp; sync",
+            2.0,
+            "none",
+        ),
+        Comparison("restore (whole process)", "dbkeeper restore", "wall", "zstd -d; sync; mv", 1.5),
+    ]
+    pg_url = None
+    if postgres:
+        pg_name = f"dbkeeper_bench_{size_mb}"
+        print(f"loading the same rows into PostgreSQL database {pg_name} ...", flush=True)
+        started = time.perf_counter()
+        pg_url = generate_postgres(live, pg_name)
+        print(
+            f"  loaded in {time.perf_counter() - started:.0f}s: {gb(pg_size(pg_url))}", flush=True
+        )
+        pg_backups = scratch / "backups-pg"
+        pg_config = write_config(scratch / "pg.toml", pg_url, pg_backups, "zstd")
+        env = pg_env(pg_url)
+
+        def ours_pg() -> Run:
+            remove_backups(pg_backups)
+            run, manifest = backup_create(pg_config, pg_backups)
+            manifests.setdefault("pg", []).append(manifest)
+            last["pg"] = pg_backups / manifest["name"]
+            return run
+
+        def ours_pg_restore() -> Run:
+            name = last["pg"].name
+            run = measure(dbkeeper(pg_config, "backup", "restore", name, "--yes"), scratch)
+            for item in pg_backups.iterdir():
+                if not item.name.startswith(name):
+                    item.unlink()
+            return run
+
+        contenders += [
+            Contender("dbkeeper PostgreSQL backup", ours_pg),
+            Contender(
+                "pg_dump -Fc -Z0 | zstd -3; sync",
+                lambda: measure(ref_pg_pipe(scratch), scratch, env=env),
+            ),
+            Contender(
+                "pg_dump -Fc -Z0; (zstd -3 ∥ pg_restore -f /dev/null); zstd -t; sync",
+                lambda: measure(ref_pg_checked(scratch), scratch, env=env),
+            ),
+            Contender("dbkeeper PostgreSQL restore", ours_pg_restore),
+            Contender(
+                "zstd -dc | pg_restore",
+                lambda: measure(ref_pg_restore(last["pg"]), scratch, env=env),
+            ),
+        ]
+        comparisons += [
+            Comparison(
+                "PostgreSQL backup, listed",
+                "dbkeeper PostgreSQL backup",
+                "listed",
+                "pg_dump -Fc -Z0 | zstd -3; sync",
+                1.1,
+                "pg",
+            ),
+            Comparison(
+                "PostgreSQL backup, listed",
+                "dbkeeper PostgreSQL backup",
+                "listed",
+                "pg_dump -Fc -Z0; (zstd -3 ∥ pg_restore -f /dev/null); zstd -t; sync",
+                None,
+                "pg",
+            ),
+            Comparison(
+                "PostgreSQL restore (whole process)",
+                "dbkeeper PostgreSQL restore",
+                "wall",
+                "zstd -dc | pg_restore",
+                1.3,
+            ),
+        ]
+
+    loads: list[str] = []
+    for number in range(rounds):
+        loads.append(load())
+        print(f"round {number + 1}/{rounds} (load average {loads[-1]})", flush=True)
+        for contender in contenders:
+            result = contender.run()
+            contender.results.append(result)
+            print(
+                f"  {contender.name:<72} {result.wall:8.2f}s  CPU {result.cpu:7.2f}s  "
+                f"others' CPU {result.others:6.2f}s",
+                flush=True,
+            )
+    loads.append(load())
+
+    by_name = {c.name: c for c in contenders}
+    size = live.stat().st_size
+    lines = [
+        f"## {gb(size)} SQLite database ({size_mb} MB asked)"
+        + (f", PostgreSQL {gb(pg_size(pg_url))}" if pg_url else ""),
+        "",
+    ]
+    lines.append(f"load average before each round and after the last: {'; '.join(loads)}")
+    lines.append("")
+    lines.append(
+        "| measurement | dbkeeper wall | reference | ref. wall | wall ratio | CPU ratio "
+        "| in-process ratio | target |"
+    )
+    lines.append("|---|---:|---|---:|---:|---:|---:|---|")
+    for comparison in comparisons:
+        ours = by_name[comparison.ours].results
+        theirs = by_name[comparison.reference].results
+        walls = [value(r, comparison.mark)[0] for r in ours]
+        cpus = [value(r, comparison.mark)[1] for r in ours]
+        ref_wall = median([r.wall for r in theirs])
+        ref_cpu = median([r.cpu for r in theirs])
+        wall_ratio = median(walls) / ref_wall
+        cpu_ratio = median(cpus) / ref_cpu if ref_cpu else float("nan")
+        in_process_ratio = "—"
+        if comparison.manifest in manifests:
+            seconds = median([m["duration_seconds"] for m in manifests[comparison.manifest]])
+            in_process_ratio = f"{seconds / ref_wall:.2f}{TIMES}"
+        target = "—"
+        if comparison.target is not None:
+            met = "met" if wall_ratio <= comparison.target else "**missed**"
+            target = f"≤ {comparison.target}{TIMES} — {met}"
+        lines.append(
+            f"| {comparison.label} | {median(walls):.2f} s | `{cell(comparison.reference)}` | "
+            f"{ref_wall:.2f} s | {wall_ratio:.2f}{TIMES} | {cpu_ratio:.2f}{TIMES} | "
+            f"{in_process_ratio} | {target} |"
+        )
+    lines.append("")
+    lines.append("| run | wall (median; all) | CPU | others' CPU | peak RSS | disk peak |")
+    lines.append("|---|---|---:|---:|---:|---:|")
+    for contender in contenders:
+        runs = contender.results
+        each = ", ".join(f"{r.wall:.2f}" for r in runs)
+        lines.append(
+            f"| {cell(contender.name)} | {median([r.wall for r in runs]):.2f} s ({each}) | "
+            f"{median([r.cpu for r in runs]):.2f} s | {median([r.others for r in runs]):.2f} s | "
+            f"{gb(max(r.rss for r in runs))} | {gb(max(r.disk for r in runs))} |"
+        )
+    lines.append("")
+    for key, label in (("zstd", "zstd"), ("none", "uncompressed"), ("pg", "PostgreSQL")):
+        found = manifests.get(key)
+        if not found:
+            continue
+        in_process = median([m["duration_seconds"] for m in found])
+        phases: dict[str, list[float]] = {}
+        for manifest in found:
+            for phase, seconds in manifest.get("phases", {}).items():
+                phases.setdefault(phase, []).append(seconds)
+        shown = ", ".join(f"{p} {median(v):.2f}" for p, v in phases.items())
+        lines.append(
+            f"- {label}: in-process (manifest `duration_seconds`, what the bot measures) "
+            f"{in_process:.2f} s; phases (s, medians): {shown}; {gb(found[-1]['size_bytes'])} "
+            f"from {gb(found[-1]['content_bytes'])} ({found[-1]['compression']})"
+        )
+    lines.append("")
+    shutil.rmtree(scratch, ignore_errors=True)
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--size-mb", type=int, default=1074, help="database size (default ~1 GiB)")
+    parser.add_argument("--sizes", default="100", help="database sizes in MB (default 100)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per size (default 3)")
     parser.add_argument("--out", type=Path, default=HERE / "out")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of the fast measurements")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--database", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
     arguments = parser.parse_args()
-    if arguments.child:
-        print(json.dumps(asyncio.run(child(arguments.database, arguments.out, arguments.child))))
-        return
-
     out: Path = arguments.out
     out.mkdir(parents=True, exist_ok=True)
-    database = out / "bench.db"
-    if not database.exists() or database.stat().st_size < arguments.size_mb * 1_000_000 * 0.95:
-        print(f"generating a {arguments.size_mb} MB bot database in {database} ...", flush=True)
-        started = time.perf_counter()
-        generate(database, arguments.size_mb)
-        print(f"  generated in {time.perf_counter() - started:.0f}s", flush=True)
-    size = database.stat().st_size
-    scratch = out / "scratch"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
-    warm(database)
-    cpus = os.cpu_count()
     print(
-        f"database: {database} ({mb(size)}); {cpus} CPUs; Python {sys.version.split()[0]}; "
-        f"SQLite {sqlite3.sqlite_version}"
+        f"{os.cpu_count()} CPUs; Python {sys.version.split()[0]}; SQLite "
+        f"{sqlite3.sqlite_version}; {gb(shutil.disk_usage(out).free)} free in {out}",
+        flush=True,
     )
-
-    repeat = arguments.repeat
-    # The copy alone, interleaved with the reference so that both see the same disk weather.
-    pairs = [(our_copy(database, scratch), reference_copy(database, scratch)) for _ in range(5)]
-    own_copy = statistics.median(ours for ours, _ in pairs)
-    copy = statistics.median(reference for _, reference in pairs)
-    cli = statistics.median(reference_sqlite3(database, scratch) for _ in range(repeat))
-    raw_runs = [ours(database, scratch, "none") for _ in range(repeat)]
-    raw = sorted(raw_runs, key=lambda r: r["seconds"])[repeat // 2]
-    snapshot = statistics.median(r["phases"]["snapshot"] for r in raw_runs)
-    zstd_ref = statistics.median(
-        reference_compressed(database, scratch, "zstd") for _ in range(repeat)
-    )
-    zstd_runs = [ours(database, scratch, "zstd") for _ in range(repeat)]
-    zstd = sorted(zstd_runs, key=lambda r: r["seconds"])[repeat // 2]
-    gzip_ref = reference_compressed(database, scratch, "gzip")  # slow: once
-    gzip = ours(database, scratch, "gzip")
-
-    rows = [
-        ("uncompressed: the copy (snapshot + fsync)", own_copy, copy, "cp + sync"),
-        ("  the same, inside the bot (median phase)", snapshot, copy, "cp + sync"),
-        ("uncompressed: verified backup, total", raw["seconds"], copy, "cp + sync"),
-        ("sqlite3 .backup", cli, copy, "cp + sync"),
-        ("zstd: verified backup, total", zstd["seconds"], zstd_ref, "cp + zstd -3 + sync"),
-        ("gzip: verified backup, total", gzip["seconds"], gzip_ref, "cp + gzip -6 + sync"),
-    ]
-    print()
-    print(f"{'measurement':<42} {'seconds':>8}  {'reference':<22} {'seconds':>8}  {'ratio':>6}")
-    for label, value, reference, name in rows:
-        print(
-            f"{label:<42} {value:>8.2f}  {name:<22} {reference:>8.2f}  {value / reference:>5.2f}x"
-        )
-    print()
-    for result, runs in ((raw, raw_runs), (zstd, zstd_runs), (gzip, [gzip])):
-        phases = ", ".join(f"{k} {v:.2f}s" for k, v in sorted(result["phases"].items()))
-        stall = max(r["max_stall_ms"] for r in runs)
-        stall_without_gc = max(r["max_stall_without_gc_ms"] for r in runs)
-        collection = max(r["max_gc_ms"] for r in runs)
-        slowest = max(r["max_read_ms"] for r in runs)
-        peak = max(r["peak_rss"] for r in runs)
-        print(
-            f"{result['codec']:<5} {mb(result['content_bytes'])} -> {mb(result['size_bytes'])}; "
-            f"phases: {phases}"
-        )
-        print(
-            f"      worst of {len(runs)} run(s): peak RSS {mb(peak)} "
-            f"(process at rest {mb(result['baseline_rss'])}); longest event-loop stall "
-            f"{stall:.1f} ms (1 ms ticker), {stall_without_gc:.1f} ms apart from garbage "
-            f"collections (longest {collection:.1f} ms); slowest handler query {slowest:.1f} ms"
-        )
-    shutil.rmtree(scratch, ignore_errors=True)
+    report: list[str] = []
+    for size in (int(s) for s in arguments.sizes.split(",")):
+        report += run_size(size, out, arguments.rounds, not arguments.no_postgres)
+        print("\n".join(report), flush=True)
+    print("\n".join(report))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
     python bench/health_bench.py [--size-mb 1024] [--runs 50]
 
-Builds (once, then reuses) ``bench/out/health-1024mb.db``: the bot's schema, migrated by
-dbkeeper itself, with the ``events`` table filled to the size asked for. Then it starts the
-real host (local mode, HTTP API on a free port) and times:
+Builds (once, then reuses) ``bench/out/health-1024mb.db`` with the backup benchmark's
+generator (``backup_bench.generate``: the bot's schema, migrated by dbkeeper, 200,000 users,
+50,000 chats and events with JSON payloads of varied length in random order, so that the
+indexes are as scattered as a real bot's). Then it starts the real host (local mode, HTTP API
+on a free port) and times:
 
 - the periodic check: every registered check, as the monitor runs it every five minutes;
 - each check on its own (from the same runs);
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import socket
 import sqlite3
 import statistics
@@ -31,15 +34,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from backup_bench import generate  # noqa: E402
 
 from dbkeeper.app import build_application  # noqa: E402
 from dbkeeper.config import Settings, settings_from_mapping  # noqa: E402
+from dbkeeper.health import Status  # noqa: E402
 from dbkeeper.host import Host  # noqa: E402
 from dbkeeper.plugin import Deadline  # noqa: E402
 from dbkeeper.plugins.database import DatabasePlugin  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
-PAYLOAD = "x" * 900  # about one KiB per event row
 
 
 def free_port() -> int:
@@ -60,37 +66,33 @@ def settings_for(database: Path, port: int) -> Settings:
 
 
 def build_database(path: Path, size_mb: int) -> None:
-    """The bot's schema (dbkeeper migrates it), then events until the file is ``size_mb``."""
-    if path.exists() and path.stat().st_size >= size_mb * 1024 * 1024 * 0.98:
-        print(f"reusing {path} ({path.stat().st_size / 2**20:,.0f} MiB)")
+    """The backup benchmark's bot database (``generate``), ``size_mb`` MB of pages."""
+    if path.exists() and path.stat().st_size >= size_mb * 1_000_000 * 0.98 and _generated(path):
+        print(f"reusing {path} ({path.stat().st_size / 1e6:,.0f} MB)")
         return
-    path.unlink(missing_ok=True)
-    print(f"building {path} ({size_mb} MiB) ...", flush=True)
     started = time.monotonic()
-    plugin = DatabasePlugin(settings_for(path, free_port()))
-    plugin.operations.open()
-    plugin.operations.close()
-    connection = sqlite3.connect(path, isolation_level=None)
-    connection.execute("PRAGMA journal_mode = OFF")  # only while generating
-    connection.execute("PRAGMA synchronous = OFF")
-    connection.execute("INSERT INTO chats (id, type, title) VALUES (1, 'group', 'bench')")
-    users = ((i, f"user {i}") for i in range(1, 10_001))
-    connection.executemany("INSERT INTO users (id, first_name) VALUES (?, ?)", users)
-    target = size_mb * 1024 * 1024
-    batch = 20_000
-    while path.stat().st_size < target:
-        connection.execute("BEGIN")
-        connection.executemany(
-            "INSERT INTO events (chat_id, user_id, kind, payload) VALUES (1, ?, 'message', ?)",
-            ((1 + i % 10_000, PAYLOAD) for i in range(batch)),
-        )
-        connection.execute("COMMIT")
-    connection.execute("PRAGMA journal_mode = WAL")
-    connection.close()
+    twin = path.with_name(f"bench-{size_mb}mb.db")  # the backup benchmark's: the same rows
+    if twin.exists() and _generated(twin):
+        print(f"copying {twin} to {path} ...", flush=True)
+        shutil.copyfile(twin, path)
+    else:
+        print(f"building {path} ({size_mb} MB) ...", flush=True)
+        generate(path, size_mb)
     print(
-        f"built in {time.monotonic() - started:.0f}s: {path.stat().st_size / 2**20:,.0f} MiB",
+        f"built in {time.monotonic() - started:.0f}s: {path.stat().st_size / 1e6:,.0f} MB",
         flush=True,
     )
+
+
+def _generated(path: Path) -> bool:
+    """Whether ``path`` was built by ``generate`` (not by an older version of this bench)."""
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return bool(connection.execute("SELECT count(*) FROM chats").fetchone()[0] == 50_000)
+    except sqlite3.Error:
+        return False
+    finally:
+        connection.close()
 
 
 def timed(function, *args) -> float:  # type: ignore[no-untyped-def]
@@ -112,7 +114,8 @@ def http_get(port: int) -> None:
         answer.read()
 
 
-async def measure(path: Path, runs: int) -> None:
+async def measure(path: Path, runs: int) -> int:
+    """The figures, printed; returns how many check results were unhealthy (should be 0)."""
     port = free_port()
     settings = settings_for(path, port)
     plugin = DatabasePlugin(settings)
@@ -131,6 +134,7 @@ async def measure(path: Path, runs: int) -> None:
     try:
         totals: list[float] = []
         per_check: dict[str, list[float]] = {}
+        failures: list[str] = []  # a check that fails while the bench asks beside the monitor
         report = None
         for _ in range(runs):
             started = time.perf_counter()
@@ -138,6 +142,8 @@ async def measure(path: Path, runs: int) -> None:
             totals.append((time.perf_counter() - started) * 1000)
             for check in report.checks.values():
                 per_check.setdefault(check.name, []).append(check.duration_ms)
+                if check.status is Status.UNHEALTHY:
+                    failures.append(f"{check.name}: {check.message}")
         assert report is not None
         print(f"\nperiodic check, {len(report.checks)} checks, {runs} runs:")
         print(f"  all checks together   {summary(totals)}")
@@ -146,6 +152,9 @@ async def measure(path: Path, runs: int) -> None:
         print("  messages:")
         for check in report.checks.values():
             print(f"    {check.name}: {check.status.value}: {check.message}")
+        print(f"  unhealthy results in {runs} runs: {len(failures)}")
+        for failure in sorted(set(failures)):
+            print(f"    {failure}")
 
         fresh = [await asyncio.to_thread(timed, http_get, port) for _ in range(runs)]
         print(f"\nGET /health, fresh result reused: {summary(fresh)}")
@@ -174,6 +183,7 @@ async def measure(path: Path, runs: int) -> None:
     print(f"  PRAGMA quick_check          {timed(run, 'PRAGMA quick_check'):9.1f} ms")
     print(f"  PRAGMA integrity_check      {timed(run, 'PRAGMA integrity_check'):9.1f} ms")
     connection.close()
+    return len(failures)
 
 
 def main() -> None:
@@ -187,7 +197,8 @@ def main() -> None:
     print(
         f"Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs"
     )
-    asyncio.run(measure(path, arguments.runs))
+    if asyncio.run(measure(path, arguments.runs)):
+        sys.exit("some checks were unhealthy while the benchmark ran (see above)")
 
 
 if __name__ == "__main__":

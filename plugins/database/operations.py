@@ -104,7 +104,13 @@ def backup_engine(database: DatabaseSettings, backup: BackupSettings) -> BackupE
 
     file = sqlite_file(database_url(database))
     if file is None:
-        return PostgresBackupEngine(database, bin_dir=backup.pg_bin_dir)
+        return PostgresBackupEngine(
+            database,
+            bin_dir=backup.pg_bin_dir,
+            compression=backup.compression,
+            compress_min_bytes=backup.compress_min_bytes,
+            staging_dir=Path(backup.dir),
+        )
     return SqliteBackupEngine(file, busy_timeout_ms=database.busy_timeout_ms)
 
 

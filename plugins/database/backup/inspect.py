@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from ..errors import InvalidBackup
 from ..migrate.bookkeeping import HISTORY_TABLE, VERSION_TABLE
 from .compression import (
+    SUFFIXES,
     CorruptData,
     Digest,
     codec_for_suffix,
@@ -102,8 +103,10 @@ class BackupInspector:
         size = path.stat().st_size
         if size == 0:
             raise InvalidBackup(f"{name} is empty (0 bytes)")
-        if name.endswith(".dump") != (self.engine.raw_suffix == ".dump"):
-            theirs = "PostgreSQL" if name.endswith(".dump") else "SQLite"
+        codec = codec_for_suffix(name)
+        dump = name.removesuffix(SUFFIXES[codec]).endswith(".dump")
+        if dump != (self.engine.raw_suffix == ".dump"):
+            theirs = "PostgreSQL" if dump else "SQLite"
             raise InvalidBackup(
                 f"{name} is a {theirs} backup, and this database is {self.engine.kind}"
             )
@@ -112,7 +115,6 @@ class BackupInspector:
                 f"{name} is {size} bytes but its manifest says {manifest.size_bytes}: the "
                 "file was truncated or replaced since it was made"
             )
-        codec = codec_for_suffix(name)
         if codec == "none" and target is None:
             if manifest is not None:
                 self._same_file(path, manifest, self._hash(path, size, progress, limits))

@@ -420,8 +420,10 @@ class Backups:
                     )
                     file = content
                     phases["checksum"] = time.monotonic() - clock
-                else:
-                    content, file = compress(
+                else:  # an engine may have compressed it while taking it (PostgreSQL)
+                    adopt = getattr(self.engine, "packed_copy", None)
+                    made = adopt(raw, packed, codec) if adopt is not None else None
+                    content, file = made or compress(
                         raw,
                         packed,
                         codec,

@@ -43,9 +43,10 @@ log = logging.getLogger("dbkeeper.backup")
 PREFIX = "bot-db-"
 TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"
 NAME_PATTERN = re.compile(
-    r"^bot-db-(?P<time>\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)(?P<suffix>\.db(?:\.gz|\.zst)?|\.dump)$"
+    r"^bot-db-(?P<time>\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)(?P<suffix>\.db(?:\.gz|\.zst)?|\.dump(?:\.zst)?)$"
 )
 TEMP_PREFIX = ".dbkeeper-tmp-"
+RAW = (".db", ".dump")  # the suffixes of uncompressed backups
 FAILURE_NAME = ".dbkeeper-last-failure.json"
 EXAMPLE_NAME = "bot-db-2026-01-31_03-00-00.db.gz"
 FAILURE_RECORD_BYTES = 4096
@@ -290,7 +291,7 @@ class BackupStore:
             orphan = name.endswith(MANIFEST_SUFFIX) and name[: -len(MANIFEST_SUFFIX)] not in names
             if name.startswith(TEMP_PREFIX) or orphan:
                 found.append(path)
-            elif NAME_PATTERN.match(name) and name not in listed and name.endswith(".db"):
+            elif NAME_PATTERN.match(name) and name not in listed and name.endswith(RAW):
                 try:
                     backup = read_manifest(path)
                 except BadManifest:

@@ -15,13 +15,19 @@ named.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
+import secrets
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import IO
 
+import zstandard
 from sqlalchemy import Connection, Engine, text
 
 from dbkeeper.logs import redact
@@ -31,9 +37,21 @@ from ...children import kill_group as _kill_group
 from ...engines import create_database_engine, database_url, safe_url
 from ...errors import BackupError, InvalidBackup
 from ...settings import DatabaseSettings
+from ..compression import (
+    CHUNK,
+    SUFFIXES,
+    ZSTD_LEVEL,
+    ZSTD_THREADS,
+    Digest,
+    create_private,
+    fsync_file,
+)
+from ..store import remove
 from .base import ContentFacts, Interrupted, Limits, Progress
 
 POLL_SECONDS = 0.2
+ZSTD_PG_DUMP = 16  # the first pg_dump with --compress=zstd
+STAGING_PREFIX = ".dbkeeper-restore-"  # a compressed dump, decompressed for pg_restore
 RESTORE_LOCK_TIMEOUT = "60s"  # pg_restore gives up (and rolls back) rather than wait forever
 _VERSION = re.compile(r"\(PostgreSQL\)\s+((\d+)[\d.]*)")
 _TOC_TABLE = re.compile(r"^\d+; \d+ \d+ TABLE (?!DATA )(\S+) (\S+) ")
@@ -55,17 +73,37 @@ def _quoted(name: str) -> str:
 
 
 class PostgresBackupEngine:
+    """``compression = "zstd"``: pg_dump 16 and later compress with zstd themselves (a
+    ``.dump``); older ones write an uncompressed archive (``-Z0``) that the pipeline
+    compresses like a SQLite copy (a ``.dump.zst``). Otherwise pg_dump's own zlib (``.dump``).
+    """
+
     kind = "postgresql"
     raw_suffix = ".dump"
-    compressible = False  # the custom format is compressed by pg_dump itself
-    raw_compression = "custom"
     can_set_aside = False  # a damaged server is PostgreSQL's to repair, not ours to rename
 
-    def __init__(self, database: DatabaseSettings, *, bin_dir: str = "") -> None:
+    def __init__(
+        self,
+        database: DatabaseSettings,
+        *,
+        bin_dir: str = "",
+        compression: str = "gzip",
+        compress_min_bytes: int = 0,
+        staging_dir: Path | None = None,
+    ) -> None:
         self.database = database
         self.url = database_url(database)
         self.bin_dir = bin_dir
         self.connect_timeout = database.connect_timeout_seconds
+        self.staging_dir = staging_dir  # where a compressed dump is decompressed to restore it
+        self.compress_min_bytes = compress_min_bytes
+        # What ``_stream`` made of a raw copy it wrote: its check, and its zstd copy.
+        self._checked: dict[Path, tuple[int, ContentFacts]] = {}
+        self._streamed: dict[Path, tuple[Digest, Digest, Path]] = {}
+        self.zstd = compression == "zstd"
+        # Until pg_dump's version is known: an uncompressed archive for the pipeline's zstd.
+        self.compressible = self.zstd
+        self.raw_compression = "none" if self.zstd else "custom"
         self._tool = "pg_dump"
 
     # -- the live database --------------------------------------------------------------------
@@ -209,6 +247,7 @@ class PostgresBackupEngine:
         pg_dump = self.program("pg_dump")
         dump_version, dump_major = self.version(pg_dump)
         self._tool = f"pg_dump {dump_version}"
+        compress = self._compress_option(dump_major)
         with self._connected(limits) as connection:
             server = connection.execute(text("SHOW server_version")).scalar_one()
             server_major = int(connection.execute(text("SHOW server_version_num")).scalar_one())
@@ -226,15 +265,15 @@ class PostgresBackupEngine:
             )
             with snapshot.begin():
                 exported = snapshot.execute(text("SELECT pg_export_snapshot()")).scalar_one()
+                command = [pg_dump, "--format=custom", *compress, f"--snapshot={exported}"]
+                command.append("--no-password")
+                if self.compressible and limits.deadline is None:
+                    facts = self._stream(command, snapshot, target, progress, limits)
+                    progress("snapshot", _size_of(target), _size_of(target))
+                    return facts
                 facts = self._facts(snapshot)
                 self._run(
-                    [
-                        pg_dump,
-                        "--format=custom",
-                        f"--file={target}",
-                        f"--snapshot={exported}",
-                        "--no-password",
-                    ],
+                    [*command, f"--file={target}"],
                     limits,
                     failure=lambda why: BackupError(f"pg_dump failed: {why}"),
                     watch=lambda: progress("snapshot", _size_of(target), None),
@@ -243,6 +282,98 @@ class PostgresBackupEngine:
             os.fsync(handle.fileno())
         progress("snapshot", _size_of(target), _size_of(target))
         return facts
+
+    def _stream(
+        self,
+        command: list[str],
+        snapshot: Connection,
+        target: Path,
+        progress: Progress,
+        limits: Limits,
+    ) -> ContentFacts:
+        """pg_dump's archive, as it comes, into ``target``, into zstd and into ``pg_restore -f
+        /dev/null`` at once, while the rows are counted in the same snapshot: the dump, its
+        compression and its check overlap as in ``pg_dump | tee >(pg_restore) | zstd``.
+
+        The compressed copy waits beside ``target`` for the pipeline (``packed_copy``), and
+        ``check`` answers for this very file without reading it again. ``target`` is fsynced
+        only when the pipeline keeps it raw (smaller than ``compress_min_bytes``).
+        """
+        packed = target.with_name(target.name + SUFFIXES["zstd"])
+        check = [self.program("pg_restore"), "--file=/dev/null"]  # reads its stdin
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        with contextlib.ExitStack() as stack:
+            errors = [stack.enter_context(tempfile.TemporaryFile()) for _ in range(2)]
+            dump = self._spawn(command, self._environment(), stdout=subprocess.PIPE, err=errors[0])
+            stack.callback(_end, dump)
+            reader = self._spawn(check, clean, stdin=subprocess.PIPE, err=errors[1])
+            stack.callback(_end, reader)
+            try:
+                with ThreadPoolExecutor(1, thread_name_prefix="dbkeeper-backup-rows") as pool:
+                    counting = pool.submit(self._facts, snapshot)
+                    content, file = _tee(dump, reader, target, packed, progress, limits)
+                    facts = counting.result()
+                dump.wait()
+                reader.wait()
+            except BaseException:
+                remove(packed)
+                raise
+            if dump.returncode != 0:
+                remove(packed)
+                raise BackupError(f"pg_dump failed: {_last_lines(errors[0], dump.returncode)}")
+            if reader.returncode != 0:
+                remove(packed)
+                why = _last_lines(errors[1], reader.returncode)
+                raise InvalidBackup(f"is damaged: pg_restore cannot read it all ({why})")
+        if content.bytes < self.compress_min_bytes:  # it stays raw: the backup is this file
+            remove(packed)
+            with open(target, "rb") as handle:
+                os.fsync(handle.fileno())
+        else:
+            self._streamed[target] = (content, file, packed)
+        self._checked[target] = (content.bytes, facts)
+        return facts
+
+    def _spawn(
+        self,
+        command: list[str],
+        environment: dict[str, str],
+        *,
+        err: IO[bytes],
+        stdin: int = subprocess.DEVNULL,
+        stdout: int = subprocess.DEVNULL,
+    ) -> subprocess.Popen[bytes]:
+        """A tool in a process group of its own that dies with this process (see ``_run``)."""
+        return subprocess.Popen(
+            command,
+            env=environment,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=err,
+            process_group=0,
+            preexec_fn=_dies_with(os.getpid()),
+        )
+
+    def packed_copy(self, raw: Path, packed: Path, codec: str) -> tuple[Digest, Digest] | None:
+        """The zstd copy ``snapshot`` made of ``raw`` while it was taken, moved to ``packed``;
+        (content, file) digests. None: there is none, the pipeline compresses ``raw``."""
+        made = self._streamed.pop(raw, None)
+        if made is None or codec != "zstd":
+            return None
+        content, file, source = made
+        os.replace(source, packed)
+        return content, file
+
+    def _compress_option(self, dump_major: int) -> list[str]:
+        """pg_dump's ``--compress``; sets what the pipeline does with the archive it writes."""
+        if not self.zstd:
+            self.compressible, self.raw_compression = False, "custom"
+            return []  # pg_dump's own zlib
+        if dump_major >= ZSTD_PG_DUMP:
+            self.compressible, self.raw_compression = False, "custom-zstd"
+            return ["--compress=zstd"]
+        self.compressible, self.raw_compression = True, "none"
+        return ["--compress=0"]
 
     @staticmethod
     def _facts(connection: Connection) -> ContentFacts:
@@ -270,6 +401,9 @@ class PostgresBackupEngine:
         """The table of contents, every byte through ``pg_restore -f /dev/null``, the revision."""
         if raw.stat().st_size == 0:
             raise InvalidBackup("is empty (0 bytes)")
+        checked = self._checked.pop(raw, None)
+        if checked is not None and checked[0] == raw.stat().st_size:
+            return checked[1]  # read in full by pg_restore as it was written (``_stream``)
         pg_restore = self.program("pg_restore")
         environment = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         size = raw.stat().st_size
@@ -306,11 +440,28 @@ class PostgresBackupEngine:
 
     # -- restoring ----------------------------------------------------------------------------
 
-    def staging(self) -> None:
-        return None  # pg_restore reads the dump where it is
+    def staging(self) -> Path | None:
+        """Where a compressed dump is decompressed for pg_restore: a private file of the
+        backup directory, removed after the restore (``leftovers`` names what a crash left;
+        not the store's temporary prefix: the safety backup would remove it while the restore
+        holds it). None: pg_restore reads the backup file itself."""
+        if self.staging_dir is None:
+            return None
+        name = f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}{self.raw_suffix}"
+        return self.staging_dir / name
 
     def replace_live(self, raw: Path) -> None:
-        """One transaction: every object of the dump dropped and recreated, or nothing."""
+        """One transaction: every object of the dump dropped and recreated, or nothing.
+
+        A staging copy (``staging``) is removed once pg_restore is done with it, whatever it
+        did: unlike SQLite's, it never becomes the live database."""
+        try:
+            self._restore(raw)
+        finally:
+            if raw.name.startswith(STAGING_PREFIX):
+                remove(raw)
+
+    def _restore(self, raw: Path) -> None:
         pg_restore = self.program("pg_restore")
         environment = self._environment()
         options = environment.get("PGOPTIONS", "")
@@ -350,10 +501,74 @@ class PostgresBackupEngine:
         pass
 
     def leftovers(self) -> list[Path]:
-        return []
+        if self.staging_dir is None or not self.staging_dir.is_dir():
+            return []
+        return sorted(self.staging_dir.glob(f"{STAGING_PREFIX}*"))
 
     def side_file(self, suffix: str) -> None:
         return None
+
+
+def _tee(
+    dump: subprocess.Popen[bytes],
+    reader: subprocess.Popen[bytes],
+    target: Path,
+    packed: Path,
+    progress: Progress,
+    limits: Limits,
+) -> tuple[Digest, Digest]:
+    """pg_dump's stdout into ``target``, pg_restore's stdin and zstd (``packed``, fsynced);
+    (content, file) digests. A pg_restore that stops reading early is left to its exit status."""
+    assert dump.stdout is not None and reader.stdin is not None
+    content, written = hashlib.sha256(), hashlib.sha256()
+    sizes = [0, 0]
+    compressor = zstandard.ZstdCompressor(
+        level=ZSTD_LEVEL, write_checksum=True, threads=ZSTD_THREADS
+    )
+    stream = compressor.compressobj()
+    feeding = True
+    with open(target, "wb") as raw, create_private(packed) as out:
+
+        def emit(data: bytes) -> None:
+            if data:
+                written.update(data)
+                sizes[1] += len(data)
+                out.write(data)
+
+        while chunk := dump.stdout.read(CHUNK):
+            limits.check()
+            raw.write(chunk)
+            if feeding:
+                try:
+                    reader.stdin.write(chunk)
+                except BrokenPipeError:  # it failed; its exit status says why
+                    feeding = False
+            content.update(chunk)
+            sizes[0] += len(chunk)
+            emit(stream.compress(chunk))
+            progress("snapshot", sizes[0], None)
+        emit(stream.flush())
+        with contextlib.suppress(BrokenPipeError):
+            reader.stdin.close()
+        fsync_file(out)
+    return Digest(sizes[0], content.hexdigest()), Digest(sizes[1], written.hexdigest())
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    """A tool still running when we leave (a failure, an interruption) is killed; pipes closed."""
+    if process.poll() is None:
+        _kill_group(process)
+    for pipe in (process.stdin, process.stdout):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+
+def _last_lines(errors: IO[bytes], status: int | None) -> str:
+    errors.seek(0)
+    text = errors.read()[-4000:].decode(errors="replace")
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return redact("; ".join(lines[-3:]) or f"exit status {status}")
 
 
 def _size_of(path: Path) -> int:
