@@ -441,3 +441,51 @@ def test_the_zstd_read_back_catches_a_flipped_byte_through_the_frame_checksum(
     unchecked.write_bytes(zstandard.ZstdCompressor(write_checksum=False).compress(b"x" * 1000))
     with pytest.raises(CorruptData, match="no content checksum"):
         read_back(unchecked, "zstd")
+
+
+async def test_a_standby_leaves_full_checks_to_the_leader_and_runs_them_once_it_leads(
+    sqlite_url: str, make_settings: SettingsFactory
+) -> None:
+    """On a shared backup directory a standby's check would hold the directory the leader's
+    backups need: a standby checks nothing; once it leads, it checks what is pending."""
+    from dbkeeper.plugins.database.leadership import Leadership
+    from dbkeeper.plugins.database.service import DatabaseService
+    from tests.support.hosts import running_host
+
+    settings = make_settings(sqlite_url, backup={"compress_min_bytes": 0, "compression": "zstd"})
+    plugin = DatabasePlugin(settings)
+    await plugin.start()
+    add_users(plugin.operations, 50)
+    await plugin.stop(Deadline.after(9))
+    [backup] = plugin.backups.list()
+    assert backup.full_check == "pending"
+
+    holder = DatabaseService(settings.database)
+    holder.connect()
+    leader = Leadership(holder.settings, instance="alpha:1", poll_seconds=3600)
+    await leader.start()
+    standby_settings = make_settings(
+        sqlite_url,
+        backup={"on_shutdown": False},
+        health={"http_port": free_port()},
+        instance={"leader_poll_seconds": 0.3},
+    )
+    try:
+        assert leader.is_leader
+        async with running_host(standby_settings) as (_host, standby):
+            assert standby.leadership is not None and not standby.leadership.is_leader
+            checks = standby.backups.full_checks
+            assert await asyncio.to_thread(checks.wait_for, backup.name, 30) is None
+            assert manifest(backup.path)["full_check"] == "pending"
+
+            await leader.stop()  # the standby takes over, and checks what was left
+            deadline = time.monotonic() + 30
+            while not standby.leadership.is_leader:
+                assert time.monotonic() < deadline, "the standby did not take over"
+                await asyncio.sleep(0.05)
+            result = await asyncio.to_thread(checks.wait_for, backup.name, 30)
+            assert result is not None and result.full_check == "passed"
+            assert manifest(backup.path)["full_check"] == "passed"
+    finally:
+        await leader.stop()
+        holder.close()

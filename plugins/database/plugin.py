@@ -285,6 +285,7 @@ class DatabasePlugin(Plugin):
         next leader's (and a backup through a cut connection fails anyway)."""
         if is_leader:
             self._stepped_down.clear()
+            self.operations.backups.full_checks.request()  # what a standby left pending
         else:
             self._stepped_down.set()
 
@@ -318,6 +319,7 @@ class DatabasePlugin(Plugin):
                 loop.call_soon_threadsafe(self._full_check_failed, backup)
 
             backups.full_checks.on_failure = on_failure
+            backups.full_checks.may_run = self._takes_routine_backups
             backups.full_checks.start()
             self._deferred = asyncio.create_task(
                 self._compress_deferred(), name="dbkeeper-deferred-compression"

@@ -80,6 +80,9 @@ class FullChecks:
         self.checking: str | None = None  # the backup being checked right now
         self.finished: dict[str, Backup] = {}  # the last results, by name (``wait_for``)
         self.on_failure: Callable[[Backup], None] | None = None
+        # Whether this process checks now: on a shared backup directory only the leader does
+        # (a standby's check would hold the directory the leader's backups need).
+        self.may_run: Callable[[], bool] = lambda: True
 
     # -- for the pipeline ---------------------------------------------------------------------
 
@@ -173,7 +176,7 @@ class FullChecks:
     def _pass(self) -> None:
         """Check every pending backup, newest first, until none is left or one yields."""
         done: set[str] = set()
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self.may_run():
             pending = [
                 b for b in self._backups.list() if b.full_check == "pending" and b.name not in done
             ]
