@@ -91,7 +91,8 @@ class BackupInspector:
                     f"{name} does not match its manifest: its sha256 is {digest.sha256[:16]}…, "
                     f"the manifest says {manifest.sha256[:16]}…; the file is damaged"
                 )
-        if codec == "none" and target is None:
+        in_place = getattr(self.engine, "reads_in_place", False)  # pg_restore reads a .dump
+        if codec == "none" and (target is None or in_place):
             return path
         if target is None:
             raise ValueError("a compressed backup needs a target to decompress into")
