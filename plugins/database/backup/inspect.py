@@ -115,7 +115,7 @@ class BackupInspector:
                 f"{name} is {size} bytes but its manifest says {manifest.size_bytes}: the "
                 "file was truncated or replaced since it was made"
             )
-        if codec == "none" and target is None:
+        if codec == "none" and (target is None or self.engine.reads_in_place):
             if manifest is not None:
                 self._same_file(path, manifest, self._hash(path, size, progress, limits))
             return path

@@ -84,6 +84,7 @@ class BackupEngine(Protocol):
     compressible: bool  # False: the raw copy is compressed already (pg_dump's custom format)
     raw_compression: str  # what the manifest calls an uncompressed copy: "none" | "custom"
     can_set_aside: bool  # a damaged live database can be renamed away instead of backed up
+    reads_in_place: bool  # an uncompressed backup is restored from its file (no staging copy)
 
     def unavailable(self) -> str | None:
         """Why this database cannot be backed up at all (None: it can)."""

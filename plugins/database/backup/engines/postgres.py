@@ -81,6 +81,7 @@ class PostgresBackupEngine:
     kind = "postgresql"
     raw_suffix = ".dump"
     can_set_aside = False  # a damaged server is PostgreSQL's to repair, not ours to rename
+    reads_in_place = True  # an uncompressed dump is restored from the backup file: no staging copy
 
     def __init__(
         self,
@@ -441,10 +442,11 @@ class PostgresBackupEngine:
     # -- restoring ----------------------------------------------------------------------------
 
     def staging(self) -> Path | None:
-        """Where a compressed dump is decompressed for pg_restore: a private file of the
-        backup directory, removed after the restore (``leftovers`` names what a crash left;
-        not the store's temporary prefix: the safety backup would remove it while the restore
-        holds it). None: pg_restore reads the backup file itself."""
+        """Where a compressed dump is decompressed for pg_restore (an uncompressed one is read
+        where it is: ``reads_in_place``): a private file of the backup directory, removed after
+        the restore; ``leftovers`` names what a crash left. Not the store's temporary prefix:
+        the safety backup would remove it while the restore holds it. None: no backup
+        directory is known (pg_restore reads the backup file itself)."""
         if self.staging_dir is None:
             return None
         name = f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}{self.raw_suffix}"

@@ -68,6 +68,7 @@ class SqliteBackupEngine:
     compressible = True
     raw_compression = "none"
     can_set_aside = True
+    reads_in_place = False  # the staging copy is renamed over the live file
 
     def __init__(self, file: Path | None, *, busy_timeout_ms: int = 5000) -> None:
         self.file = file
