@@ -334,13 +334,17 @@ class Alerter:
 
     def observe(self, report: HealthReport) -> None:
         """Health monitor listener. Whoever announced a problem also says it is resolved, even
-        if it stands by meanwhile (a leader cut off from the database, replaced meanwhile)."""
+        if it stands by meanwhile (a leader cut off from the database, replaced meanwhile); a
+        problem nobody was told of (seen while standing by) ends without a message."""
         text = self.policy.observe(report)
         if text is None:
             return
         if report.status is Status.HEALTHY:
             announced, self._announced = self._announced, False
-            self._send(text, resolves=announced)
+            if announced:
+                self._send(text, resolves=True)
+            else:  # a standby's problem, or one begun before it led: nobody was told of it
+                log.info("not alerting a recovery that was never announced: %s", text[:200])
         elif self._send(text):
             self._announced = True
 

@@ -334,3 +334,9 @@ async def test_whoever_announced_a_problem_resolves_it_even_when_standing_by() -
     alpha.observe(report(database=U))  # a new problem, seen while standing by: not sent
     alpha.observe(report(database=H))
     assert alpha.sent == 2
+
+    speaking.update(alpha=True, beta=False)
+    beta.observe(report(database=U))  # a problem of beta's while it stands by (logged only)
+    speaking.update(alpha=False, beta=True)  # it leads before its problem ends
+    beta.observe(report(database=H))
+    assert beta.sent == 0  # no "healthy again" for a problem nobody was told of

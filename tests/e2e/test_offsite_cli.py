@@ -377,7 +377,10 @@ def test_a_new_machine_started_before_its_restore_keeps_the_old_copies(
     origins, output = _origins(new)
     assert {name: origins[name] for name in old_copies} == dict.fromkeys(old_copies, "unknown")
     own = [name for name, origin in origins.items() if origin == "here"]
-    assert len(own) == 3 and min(own) > max(old_copies), origins  # its newest 3 (keep = 3)
+    # Its newest 3 (keep = 3), and beyond them the newest copy whose manifest says fully
+    # checked, when the newest were uploaded before their full check (rotation keeps it).
+    newest = sorted(own, reverse=True)[:3]
+    assert len(own) in (3, 4) and min(newest) > max(old_copies), origins
     assert output.splitlines()[-1] == (
         "origin unknown: 3 copies not uploaded from here are kept (never rotated): restore one "
         "(`dbkeeper backup restore NAME`) or delete them by hand"

@@ -92,7 +92,9 @@ def test_admin_commands_answer_and_strangers_get_nothing(
         api.push_command("/backup", user_id=ADMIN)
         answer = api.wait_for_message("✅ Backup", chat_id=ADMIN)["text"]
         [name] = _backups(tmp_path)[:1]
-        assert name in answer and "Verified: integrity ok" in answer
+        assert name in answer and "Verified: quick_check ok (the full integrity check runs now" in (
+            answer
+        )
         manifest = json.loads((tmp_path / "backups" / f"{name}.manifest.json").read_text())
         assert manifest["reason"] == "manual" and manifest["sha256"][:16] in answer
 

@@ -46,6 +46,7 @@ NAME_PATTERN = re.compile(
     r"^bot-db-(?P<time>\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)(?P<suffix>\.db(?:\.gz|\.zst)?|\.dump(?:\.zst)?)$"
 )
 TEMP_PREFIX = ".dbkeeper-tmp-"
+TEMP_OWNER = re.compile(r"\.(\d+)-[0-9a-f]{8}$")  # the pid in a ``temp`` name
 RAW = (".db", ".dump")  # the suffixes of uncompressed backups
 FAILURE_NAME = ".dbkeeper-last-failure.json"
 EXAMPLE_NAME = "bot-db-2026-01-31_03-00-00.db.gz"
@@ -289,6 +290,8 @@ class BackupStore:
             if path in in_use:
                 continue
             orphan = name.endswith(MANIFEST_SUFFIX) and name[: -len(MANIFEST_SUFFIX)] not in names
+            if name.startswith(TEMP_PREFIX) and _owner_alive(name):
+                continue  # another running process's (the raw copy its full check will read)
             if name.startswith(TEMP_PREFIX) or orphan:
                 found.append(path)
             elif NAME_PATTERN.match(name) and name not in listed and name.endswith(RAW):
@@ -369,3 +372,18 @@ class BackupStore:
             except (OSError, ValueError, KeyError, TypeError):
                 continue
         return max(found, key=lambda record: record[0], default=None)
+
+
+def _owner_alive(temp_name: str) -> bool:
+    """Whether the temporary file ``temp_name`` (``temp``: it ends ``.<pid>-<hex>``) belongs
+    to another process that still runs: it may use the file outside the directory lock."""
+    found = TEMP_OWNER.search(temp_name)
+    if found is None or int(found.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(found.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

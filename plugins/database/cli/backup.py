@@ -16,6 +16,7 @@ import click
 from dbkeeper.cli.context import EXIT_ERROR, CliContext, fails_plainly
 from dbkeeper.texts import size
 
+from ..errors import BackupError
 from ..offsite.checks import summary as offsite_summary
 from ..offsite.uploads import foreign_note
 from .db import operations
@@ -286,6 +287,10 @@ def restore(
         restore_replica(obj, parse_moment(at) if at is not None else None, yes)
         return
     ops = operations(obj)
+    busy = ops.backups.engine.in_use_elsewhere()  # the reason that holds longest comes first
+    if busy is not None:
+        ops.close()
+        raise BackupError(busy)
     where = ""
     info: Any
     if ops.offsite is not None and ops.gone_locally(name):
