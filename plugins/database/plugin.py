@@ -70,6 +70,7 @@ class DatabasePlugin(Plugin):
         self._backup_stop = threading.Event()
         self._stepped_down = threading.Event()  # stops the scheduled backup of a leader no more
         self._deferred: asyncio.Task[None] | None = None
+        self._backups_scheduled = False  # a leadership change after this is a takeover
         self._alerts: set[asyncio.Task[None]] = set()  # alerts sent from other threads
         self.uploads: BackgroundUploads | None = None  # off-site copies, when configured
         self.offsite_health: OffsiteHealth | None = None
@@ -286,6 +287,14 @@ class DatabasePlugin(Plugin):
         if is_leader:
             self._stepped_down.clear()
             self.operations.backups.full_checks.request()  # what a standby left pending
+            if self._backups_scheduled and self.context is not None:
+                # A takeover: the backups go on at the old leader's cadence (one interval after
+                # the newest), not at this instance's; until then an overdue one is expected.
+                interval = self.operations.backup_settings.interval_seconds
+                first = await asyncio.to_thread(self._first_backup_in, interval)
+                if self.health is not None:
+                    self.health.takeover_backup_due = time.monotonic() + first
+                self.context.add_job(self._scheduled_backup, name=BACKUP_RETRY_JOB, first=first)
         else:
             self._stepped_down.set()
 
@@ -309,6 +318,7 @@ class DatabasePlugin(Plugin):
             self.context.add_job(
                 self._scheduled_backup, name=BACKUP_JOB, interval=interval, first=first
             )
+            self._backups_scheduled = True
             log.info("backups every %gs; the next in %.0fs", interval, first)
         if backups.available:
             # First the full checks left pending (the last shutdown backup's, on its raw file),

@@ -111,6 +111,8 @@ class DatabaseHealth:
         # When the first scheduled backup is due (monotonic), set by the running plugin: until
         # then (and a grace for a large first backup) a database without backups is no problem.
         self.first_backup_due: float | None = None
+        # When this instance took over as leader: its first backup is due (monotonic)
+        self.takeover_backup_due: float | None = None
 
     def register(self, context: PluginContext) -> None:
         from .metrics import DatabaseMetrics
@@ -230,7 +232,20 @@ class DatabaseHealth:
                 )
         else:
             age = (now - stats.newest.created_at).total_seconds()
-            if age > 2 * interval:
+            due = self.takeover_backup_due
+            taking_over = (
+                due is not None
+                and stats.last_failure is None
+                and time.monotonic() < due + FIRST_BACKUP_GRACE_SECONDS
+            )
+            if age > 2 * interval and taking_over:  # the old leader's: this one backs up next
+                assert due is not None
+                left = due - time.monotonic()
+                message += (
+                    f" | the newest is {duration(age)} old; this instance took over, its first "
+                    + (f"backup is due in {duration(left)}" if left > 0 else "is being taken")
+                )
+            elif age > 2 * interval:
                 problems.append(
                     f"the newest is {duration(age)} old (one is due every {duration(interval)})"
                 )
