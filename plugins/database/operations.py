@@ -395,12 +395,12 @@ class Operations:
                 adopted = offsite.adopt(name)
         version = self.revisions.version_of(candidate.facts.revision)
         safety = kept.safety
-        log.info(
-            "restored %s (schema v%d)%s in %.1fs",
+        log.info(  # the time until the restored database was open: listing the old one follows
+            "restored %s (schema v%d) in %.1fs (replaced and reopened)%s",
             name,
             version,
-            f"; the previous database is saved as {safety.name}" if safety else "",
             elapsed,
+            f"; the previous database is saved as {safety.name}" if safety else "",
         )
         return RestoreReport(name, version, safety, reopened, round(elapsed, 3), set_aside, adopted)
 
