@@ -25,7 +25,7 @@ import zstandard
 from dbkeeper.config import settings_from_mapping
 from dbkeeper.plugin import Deadline
 from dbkeeper.plugins.database import DatabasePlugin
-from dbkeeper.plugins.database.backup.manifest import Backup, manifest_path
+from dbkeeper.plugins.database.backup.manifest import Backup, manifest_path, read_manifest
 from dbkeeper.plugins.database.errors import InvalidBackup
 from dbkeeper.plugins.database.operations import Operations
 from tests.conftest import SettingsFactory
@@ -442,5 +442,34 @@ def test_a_restore_killed_right_after_its_swap_leaves_both_databases(tmp_path: P
     assert kept in output and "pre-restore" in output
     assert not os.path.samefile(backups / kept, database)
     code, output = run_cli(["backup", "restore", kept, "--yes"], cwd=workdir)  # undone
+    assert code == 0, output
+    assert user_ids(f"sqlite:///{database}") == list(range(1, 306))
+
+
+def test_the_replaced_file_is_listed_after_the_swap_and_a_kill_in_between_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    workdir, name = _with_five_more_users(tmp_path)
+    database, backups = workdir / "data" / "bot.db", workdir / "backups"
+    with _restore_stopped_at("swapped", workdir, name):
+        # Swapped, and the replaced file is not listed yet: its sha256 and quick_check (which
+        # its manifest records) come after the swap, not before it.
+        [kept] = [n for n in listing(backups) if n.startswith(".dbkeeper-kept-")]
+        assert not os.path.samefile(backups / kept, database)
+        manifests = [n for n in listing(backups) if n.endswith(".manifest.json")]
+        assert manifests == [name + ".manifest.json"], listing(backups)
+
+    assert user_ids(f"sqlite:///{database}") == list(range(1, 301))  # the backup's
+    code, output = run_cli(["backup", "list"], cwd=workdir)  # the next command lists it
+    assert code == 0 and "\n2 backups, " in output, output
+    listed = kept.removeprefix(".dbkeeper-kept-")
+    assert listed in output and "pre-restore" in output, output
+    assert not [n for n in listing(backups) if n.startswith((".dbkeeper-kept", ".dbkeeper-tmp"))]
+    record = read_manifest(backups / listed)
+    assert record is not None and record.reason == "pre-restore"
+    assert record.full_check == "pending" and record.tables["users"] == 305
+    assert _sha256(backups / listed) == record.sha256  # nothing lost: the old file, whole
+    assert _checks(backups / listed) == ("ok", "ok")
+    code, output = run_cli(["backup", "restore", listed, "--yes"], cwd=workdir)  # undone
     assert code == 0, output
     assert user_ids(f"sqlite:///{database}") == list(range(1, 306))

@@ -12,9 +12,9 @@ it runs:
                ``[offsite] url`` is set; outside the backup lock; a failed upload is recorded,
                never fails the backup)
 ``restore``    in use elsewhere? -> (gone locally: fetch the off-site copy) -> verify -> pause
-               -> keep the live database (SQLite: by a second name, listed as pre-restore;
-               else a safety copy) -> swap -> reopen -> migrate -> (fetched, and another
-               setup's copy: adopt the copies off-site, outside the pause)
+               -> keep the live database (SQLite: by a second name; else a safety copy)
+               -> swap -> reopen -> migrate -> (outside the pause) list the kept file as
+               pre-restore -> (fetched, and another setup's copy: adopt the copies off-site)
 ``restore_replica``  the replica's state (newest, or at a time) into a staging file -> ``restore``
 """
 
@@ -43,8 +43,10 @@ from .backup.engines.sqlite import SqliteBackupEngine
 from .backup.manifest import Backup
 from .backup.pipeline import Backups
 from .backup.restore import (
+    Kept,
     RestoreCandidate,
     RestoreReport,
+    finish_kept,
     forget_unswapped,
     keep_current,
     prepare,
@@ -359,6 +361,7 @@ class Operations:
             self.database.file.parent.mkdir(parents=True, exist_ok=True)
         swapped = False
         adopted = None
+        kept = Kept()
         try:
             with backups.exclusive("restore", wait=False, limits=limits):
                 if source is not None:
@@ -376,25 +379,28 @@ class Operations:
                             with contextlib.suppress(Exception):
                                 self.database.connect()
                             raise
-                        safety = kept.safety
                         swapped = True
                         report("restore", 1, 1)
                         if self.database.file is not None:  # its position is of the old file
                             forget_position(self.database.file)
-                        reopened = self._reopen_after_restore(name, safety)
+                        reopened = self._reopen_after_restore(name, kept.name)
+                        elapsed = time.monotonic() - started
                 finally:
                     candidate.discard()
+                    if swapped and kept.linked is not None:  # the bot's work goes on meanwhile
+                        kept, damaged = self._list_kept(kept.linked, report, limits)
+                        set_aside += damaged
         finally:  # the database is the copy's now, even when reopening it failed
             if swapped and offsite is not None:
                 adopted = offsite.adopt(name)
-        elapsed = time.monotonic() - started
         version = self.revisions.version_of(candidate.facts.revision)
-        log.info(
-            "restored %s (schema v%d)%s in %.1fs",
+        safety = kept.safety
+        log.info(  # the time until the restored database was open: listing the old one follows
+            "restored %s (schema v%d) in %.1fs (replaced and reopened)%s",
             name,
             version,
-            f"; the previous database is saved as {safety.name}" if safety else "",
             elapsed,
+            f"; the previous database is saved as {safety.name}" if safety else "",
         )
         return RestoreReport(name, version, safety, reopened, round(elapsed, 3), set_aside, adopted)
 
@@ -429,7 +435,23 @@ class Operations:
         report = self.restore(label, pause=pause, progress=progress, source=fetch)
         return report, restored[0]
 
-    def _reopen_after_restore(self, name: str, safety: Backup | None) -> MigrationReport | None:
+    def _list_kept(self, link: Path, progress: Progress, limits: Limits) -> tuple[Kept, list[Path]]:
+        """List the replaced database (``finish_kept``) once the restored one is open: the
+        restore's time ends at the reopen, this follows it. A failure leaves it for the next
+        command (``forget_unswapped`` lists it); never deleted."""
+        try:
+            safety, damaged = finish_kept(self.backups, link, progress, limits)
+        except Exception as error:
+            log.warning(
+                "the replaced database is kept as %s but could not be listed yet (%s): the "
+                "next command lists it",
+                link,
+                error,
+            )
+            return Kept(linked=link), []
+        return Kept(safety), damaged
+
+    def _reopen_after_restore(self, name: str, kept: str | None) -> MigrationReport | None:
         """Connect, and bring the restored schema forward to head (no pre-migration copy: the
         backup is that copy)."""
         try:
@@ -453,9 +475,8 @@ class Operations:
             self.last_validation = self.validate()
             return report
         except Exception as error:
-            kept = f"is kept as {safety.name}" if safety else "did not exist"
+            where = f"is kept as {kept}" if kept else "did not exist"
             raise BackupError(
                 f"restored {name}, but opening it afterwards failed: {error}. The previous "
-                f"database {kept}; `dbkeeper backup restore {safety.name if safety else name}` "
-                "puts it back."
+                f"database {where}; `dbkeeper backup restore {kept or name}` puts it back."
             ) from error

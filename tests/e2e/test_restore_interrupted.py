@@ -88,7 +88,7 @@ def test_a_restore_killed_before_the_swap_leaves_the_database_in_place(
     gated_restore: tuple[Path, str],
 ) -> None:
     workdir, name = gated_restore
-    database, data = workdir / "data" / "bot.db", workdir / "data"
+    database, data, backups = workdir / "data" / "bot.db", workdir / "data", workdir / "backups"
     damaged = _damage(database)
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
     environment.pop("DATABASE_URL", None)
@@ -108,8 +108,9 @@ def test_a_restore_killed_before_the_swap_leaves_the_database_in_place(
                 break
         else:
             raise AssertionError(f"the restore ended before its swap: {restore.wait()}")
-        # The dangerous moment: the verified copy is staged, the damaged database kept apart.
-        [kept] = [n for n in listing(data) if n.startswith("bot.db.damaged-")]
+        # The dangerous moment: the verified copy is staged, the damaged database kept apart
+        # (a second name in the backup directory; checked, and set aside, after the swap).
+        [kept] = [n for n in listing(backups) if n.startswith(".dbkeeper-kept-")]
         [staged] = _staging(data)
         # Another command meanwhile cleans up, but never the files of a running restore.
         code, output = run_cli(["backup", "list"], cwd=workdir)
@@ -122,16 +123,18 @@ def test_a_restore_killed_before_the_swap_leaves_the_database_in_place(
 
     assert database.is_file(), "no database file after the kill"
     assert database.read_bytes() == damaged  # the old database, in place and whole
-    assert (data / kept).read_bytes() == damaged  # and kept apart, as the restore said
+    assert (backups / kept).read_bytes() == damaged  # and kept apart
     # The next command cleans up: the staging copy, and the second name of the live file
     # (the restore did not happen, so nothing is set aside: it is as before it started).
     code, output = run_cli(["backup", "list"], cwd=workdir)
-    assert code == 0 and _staging(data) == [] and not (data / kept).exists(), output
+    assert code == 0 and _staging(data) == [] and not (backups / kept).exists(), output
     assert database.read_bytes() == damaged and database.stat().st_nlink == 1
     # Doing it again finishes the job.
     code, output = run_cli(["backup", "restore", name, "--yes"], cwd=workdir)
     assert code == 0, output
     assert user_ids(f"sqlite:///{database}") == list(range(1, 301))
+    [aside] = [n for n in listing(data) if n.startswith("bot.db.damaged-")]
+    assert (data / aside).read_bytes() == damaged  # the damaged one, kept beside it
 
 
 def _interrupted(workdir: Path, how: str) -> Path:

@@ -11,10 +11,13 @@ size and a checksum. Both libraries release the GIL while they work: the event l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -62,6 +65,42 @@ class _Hasher:
 
     def digest(self) -> Digest:
         return Digest(self.size, self._hash.hexdigest() if self._hash is not None else "")
+
+
+# Chunks a hashing thread may be behind by: bounds the memory (a few MiB) whatever the size.
+_HASH_BACKLOG = 8
+
+
+class _ThreadedHasher(_Hasher):
+    """A ``_Hasher`` whose sha256 runs on a worker thread, in order: hashlib releases the GIL
+    for big buffers, so decompression and the two sha256 of a restore use the cores side by
+    side instead of one after the other. Use it as a context manager (the thread ends)."""
+
+    def __init__(self, *, hashing: bool = True) -> None:
+        super().__init__(hashing=hashing)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dbkeeper-sha256")
+        self._pending: deque[Future[None]] = deque()
+
+    def update(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._hash is None:
+            return
+        self._pending.append(self._pool.submit(self._hash.update, data))
+        while len(self._pending) > _HASH_BACKLOG:
+            self._pending.popleft().result()
+
+    def digest(self) -> Digest:
+        while self._pending:
+            self._pending.popleft().result()
+        return super().digest()
+
+    def __enter__(self) -> _ThreadedHasher:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
 
 
 def codec_for_suffix(name: str) -> str:
@@ -152,11 +191,26 @@ def decompress(
 ) -> tuple[Digest, Digest]:
     """Stream the content of ``source`` into ``sink`` (or nowhere); return (file, content) digests.
 
+    Both sha256 run on their own threads beside the decompressor (``_ThreadedHasher``).
     ``codec`` "none" copies. Raises ``CorruptData`` when the data is not whole and sound.
     ``hash_content`` False: the content is counted, not hashed (its sha256 is "").
     """
-    file, content = _Hasher(), _Hasher(hashing=hash_content)
+    with contextlib.ExitStack() as threads:
+        file = threads.enter_context(_ThreadedHasher())
+        content = threads.enter_context(_ThreadedHasher(hashing=hash_content))
+        _decompress_into(source, codec, sink, file, content, progress, check)
+        return file.digest(), content.digest()
 
+
+def _decompress_into(
+    source: Path,
+    codec: str,
+    sink: BinaryIO | None,
+    file: _Hasher,
+    content: _Hasher,
+    progress: Progress | None,
+    check: Check | None,
+) -> None:
     def emit(data: bytes) -> None:
         if data:
             content.update(data)
@@ -177,7 +231,6 @@ def decompress(
         _unzstd(source, read(), emit)
     else:
         raise ValueError(f"unknown codec {codec!r}")
-    return file.digest(), content.digest()
 
 
 def read_back(

@@ -5,7 +5,8 @@ a backup whose manifest says it passed the full check is proven by its file and 
 sha256 alone; ``prepare_raw``: the full check of a database file obtained elsewhere, a restore
 from the replica) -> pause the bot's database work -> keep the live database
 (``keep_current``: by a second name in the backup directory, or a safety copy) -> swap
-(``swap``) -> reopen -> migrate forward.
+(``swap``) -> reopen -> migrate forward -> list the kept file (``finish_kept``: its sha256
+and ``quick_check``, after the swap; a restore killed first leaves it to ``forget_unswapped``).
 
 At its peak a SQLite restore holds the live file and the staging copy: twice the database
 (the backup being restored aside), never a third copy.
@@ -22,7 +23,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from .engines.sqlite import SqliteBackupEngine
 from .inspect import SET_ASIDE_PHASE, trusted
 from .manifest import Backup, BadManifest, read_manifest
 from .pipeline import UNTRUSTED, Backups
-from .store import NAME_PATTERN, PREFIX, remove
+from .store import NAME_PATTERN, TIME_FORMAT, fsync_directory, remove
 
 log = logging.getLogger("dbkeeper.backup")
 UNCHANGED = "The live database was not touched."
@@ -120,13 +121,25 @@ def prepare_raw(
     return RestoreCandidate(label, raw, raw, facts, None, raw)
 
 
+# The replaced SQLite file's second name in the backup directory from the moment it is set aside
+# until it is listed (after the swap): never a leftover (``finish_kept``), never listed as is.
+KEPT_PREFIX = ".dbkeeper-kept-"
+
+
 @dataclass(frozen=True)
 class Kept:
     """What a restore keeps of the database it replaces (``keep_current``)."""
 
-    safety: Backup | None = None  # listed: the live file itself set aside, or a verified copy
-    linked: bool = False  # ``safety`` is a second name of the live file until the swap
+    safety: Backup | None = None  # listed: a verified copy (or, after ``finish_kept``, the file)
+    linked: Path | None = None  # the live file's second name, listed after the swap
     damaged: bool = False  # no listed copy can be made of it: ``swap`` keeps it beside itself
+
+    @property
+    def name(self) -> str | None:
+        """The backup name the replaced database is (or will be) listed under."""
+        if self.safety is not None:
+            return self.safety.name
+        return None if self.linked is None else self.linked.name.removeprefix(KEPT_PREFIX)
 
 
 def keep_current(
@@ -137,11 +150,11 @@ def keep_current(
     that it is whole before it is renamed into place.
 
     A SQLite file whose backup directory is on the same file system is kept as it is: a
-    second name in the backup directory, listed as a ``pre-restore`` backup kept raw and
-    compressed later (``Backups.compress_pending``); nothing is copied, and the swap then
-    only renames the staging copy over the live path. Otherwise (another file system, a log
-    another process holds, PostgreSQL) a verified ``pre-restore`` backup is taken as before.
-    A database too damaged to be read is set aside beside itself by ``swap``.
+    second name in the backup directory (``KEPT_PREFIX``), nothing copied, nothing read: its
+    checksum and ``quick_check`` run after the swap (``finish_kept``), which lists it as a
+    ``pre-restore`` backup kept raw and compressed later (``Backups.compress_pending``).
+    Otherwise (another file system, a log another process holds, PostgreSQL) a verified
+    ``pre-restore`` backup is taken as before.
     """
     with ThreadPoolExecutor(1, thread_name_prefix="dbkeeper-restore-sync") as pool:
         synced = pool.submit(_sync, candidate.raw)
@@ -149,8 +162,8 @@ def keep_current(
         try:
             synced.result()
         except BaseException:
-            if kept.linked and kept.safety is not None:  # the live file stays: no backup
-                backups.store.delete(kept.safety.path)
+            if kept.linked is not None:  # the live file stays: no second name
+                remove(kept.linked)
             raise
     return kept
 
@@ -173,10 +186,7 @@ def _keep(
     try:
         if isinstance(engine, SqliteBackupEngine):
             try:
-                return _set_aside(backups, engine, progress, limits)
-            except InvalidBackup as error:
-                log.warning("the live database cannot be read (it %s)", error)
-                return Kept(damaged=True)
+                return _set_aside(backups, engine)
             except (BackupError, OSError) as error:
                 log.warning(
                     "the live database cannot be kept by a second name (%s): taking a copy of "
@@ -188,21 +198,40 @@ def _keep(
         backups.restoring = None
 
 
-def _set_aside(
-    backups: Backups, engine: SqliteBackupEngine, progress: Progress, limits: Limits
-) -> Kept:
-    """The live file gets a second name in the backup directory, listed as the pre-restore
-    backup it is: checkpointed first, then hashed while ``quick_check`` reads it (what a
-    listed backup needs; its full check is not run: ``trusted`` is False for it)."""
-    started = time.monotonic()
+def _set_aside(backups: Backups, engine: SqliteBackupEngine) -> Kept:
+    """The live file (checkpointed) gets a second name in the backup directory: the name it
+    will be listed under, behind ``KEPT_PREFIX`` until ``finish_kept`` lists it."""
     engine.settle()
     store = backups.store
     store.ensure()
-    created_at, stem = store.claim_time(backups.now, backups._sleep)
-    link = store.temp(stem + engine.raw_suffix)
+    _, stem = store.claim_time(backups.now, backups._sleep)
+    link = store.directory / f"{KEPT_PREFIX}{stem}{engine.raw_suffix}"
     engine.link_to(link)
+    fsync_directory(store.directory)
+    log.info("the live database is kept by a second name (nothing copied): %s", link.name)
+    return Kept(linked=link)
+
+
+def finish_kept(
+    backups: Backups, link: Path, progress: Progress, limits: Limits
+) -> tuple[Backup | None, list[Path]]:
+    """List the replaced database kept at ``link`` as the ``pre-restore`` backup it is: hashed
+    while ``quick_check`` reads it (what a listed backup needs; its full check stays pending,
+    for the background checks). Holding ``backups.exclusive``; after the swap, or at the next
+    start when a restore was killed before this (``forget_unswapped``).
+
+    Returns (the backup, []), or (None, [where it is kept]) when it fails ``quick_check``: a
+    damaged database is never listed, nor deleted; it goes beside the live database, where a
+    restore keeps a damaged one (``<database>.damaged-<time>``).
+    """
+    engine = backups.engine
+    assert isinstance(engine, SqliteBackupEngine)
+    store = backups.store
+    started = time.monotonic()
+    name = link.name.removeprefix(KEPT_PREFIX)
+    created_at = _kept_time(name)
+    size = link.stat().st_size
     try:
-        size = link.stat().st_size
         # Its checks and its checksum on two threads: both read the same cached pages.
         abandon = threading.Event()
         with ThreadPoolExecutor(1, thread_name_prefix="dbkeeper-restore-check") as pool:
@@ -215,39 +244,68 @@ def _set_aside(
                 abandon.set()
                 raise
             facts = examined.result()
-        settings = backups.settings
-        pending = settings.compression if size >= settings.compress_min_bytes else None
-        record = Backup(
-            name=stem + engine.raw_suffix,
-            created_at=created_at,
-            reason="pre-restore",
-            engine=engine.kind,
-            compression=engine.raw_compression,
-            size_bytes=digest.bytes,
-            sha256=digest.sha256,
-            content_bytes=digest.bytes,
-            content_sha256=digest.sha256,
-            schema_revision=facts.revision,
-            schema_version=int(backups.schema.version_of(facts.revision)),
-            tables={k: v for k, v in facts.tables.items() if v is not None},
-            duration_seconds=round(time.monotonic() - started, 3),
-            phases={SET_ASIDE_PHASE: round(time.monotonic() - started, 3)},
-            pending_compression=None if pending == "none" else pending,
-            source=engine.source(),
-            tool=f"{engine.tool()}: the replaced file itself, kept by a second name",
-            **_checks_pending(created_at),
-        )
-        info = store.commit(link, record)
-    except BaseException:
-        remove(link)
-        raise
+    except InvalidBackup as error:
+        return None, [_keep_damaged(backups, link, name, error)]
+    if store._taken(name.removesuffix(engine.raw_suffix)):  # a backup took its second since
+        created_at, stem = store.claim_time(backups.now, backups._sleep)
+        name = stem + engine.raw_suffix
+    settings = backups.settings
+    pending = settings.compression if size >= settings.compress_min_bytes else None
+    record = Backup(
+        name=name,
+        created_at=created_at,
+        reason="pre-restore",
+        engine=engine.kind,
+        compression=engine.raw_compression,
+        size_bytes=digest.bytes,
+        sha256=digest.sha256,
+        content_bytes=digest.bytes,
+        content_sha256=digest.sha256,
+        schema_revision=facts.revision,
+        schema_version=int(backups.schema.version_of(facts.revision)),
+        tables={k: v for k, v in facts.tables.items() if v is not None},
+        duration_seconds=round(time.monotonic() - started, 3),
+        phases={SET_ASIDE_PHASE: round(time.monotonic() - started, 3)},
+        pending_compression=None if pending == "none" else pending,
+        source=engine.source(),
+        tool=f"{engine.tool()}: the replaced file itself, kept by a second name",
+        **_checks_pending(created_at),
+    )
+    with contextlib.suppress(OSError):
+        os.chmod(link, 0o600)  # the backup's own file now
+    info = store.commit(link, record)
     log.info(
-        "the live database is kept as %s (%s, by a second name: nothing copied)",
+        "the replaced database is listed as %s (%s, sha256 and quick_check in %.1fs)",
         info.name,
         size_text(info.size_bytes),
+        time.monotonic() - started,
     )
     backups._rotate(info)
-    return Kept(info, linked=True)
+    backups.full_checks.request()
+    return info, []
+
+
+def _kept_time(name: str) -> datetime:
+    match = NAME_PATTERN.match(name)
+    assert match is not None, name
+    return datetime.strptime(match["time"], TIME_FORMAT).replace(tzinfo=UTC)
+
+
+def _keep_damaged(backups: Backups, link: Path, name: str, error: InvalidBackup) -> Path:
+    engine = backups.engine
+    assert isinstance(engine, SqliteBackupEngine) and engine.file is not None
+    stem = name.removesuffix(engine.raw_suffix)
+    target = engine.file.with_name(f"{engine.file.name}.damaged-{stem}")
+    os.replace(link, target)
+    fsync_directory(target.parent)
+    fsync_directory(link.parent)
+    log.warning(
+        "the replaced database fails its checks (it %s), so no backup of it can be listed; it "
+        "is kept as it was: %s",
+        error,
+        target,
+    )
+    return target
 
 
 def _checks_pending(at: datetime) -> dict[str, Any]:
@@ -292,50 +350,83 @@ def swap(backups: Backups, candidate: RestoreCandidate, kept: Kept) -> list[Path
     except BaseException as error:
         with contextlib.suppress(Exception):
             engine.put_back(set_aside)
-        if kept.linked and kept.safety is not None:
+        if kept.linked is not None:
             with contextlib.suppress(Exception):
-                backups.store.delete(kept.safety.path)
+                remove(kept.linked)
         raise BackupError(
             f"restoring {candidate.name} failed while replacing the database: {error}. The "
             "live database is as it was."
         ) from error
-    if kept.linked and kept.safety is not None:  # it is the backup's own file now
-        with contextlib.suppress(OSError):
-            os.chmod(kept.safety.path, 0o600)
     if candidate.raw == candidate.staging:
         candidate.staging = None  # it is the live database now
     return set_aside
 
 
-def forget_unswapped(backups: Backups) -> list[Path]:
-    """Remove backups that are the live database file itself (a restore killed between
-    setting it aside and its swap): not a backup, the next write would change it.
+def forget_unswapped(
+    backups: Backups, progress: Progress | None = None
+) -> tuple[list[Path], list[Backup]]:
+    """What a restore killed before it was done left of the database it replaced, found by
+    any command: a second name of the live file (killed before the swap: the live database
+    is as it was) is removed; a kept file that is not the live one (killed after the swap,
+    before ``finish_kept``) is the old database: listed now, never deleted.
 
     Holds the backup directory, like ``Backups.cleanup``; nothing while another process
-    holds it (its restore may still be running).
+    holds it (its restore may still be running). Returns (removed, listed).
     """
     engine = backups.engine
-    if not isinstance(engine, SqliteBackupEngine) or not engine.live_exists():
-        return []
-    assert engine.file is not None
     directory = backups.store.directory
-    with contextlib.suppress(OSError):
-        if engine.file.stat().st_nlink < 2 or not directory.is_dir():
-            return []
+    if not isinstance(engine, SqliteBackupEngine) or not directory.is_dir():
+        return [], []
+    kept = sorted(directory.glob(f"{KEPT_PREFIX}*"))
+    live = engine.file if engine.live_exists() else None
+    linked = False
+    if live is not None:
+        with contextlib.suppress(OSError):
+            linked = live.stat().st_nlink >= 2
+    if not kept and not linked:
+        return [], []
     found: list[Path] = []
+    listed: list[Backup] = []
     try:
         with backups.exclusive("cleanup", wait=False, limits=Limits()):
-            for path in sorted(directory.glob(f"{PREFIX}*{engine.raw_suffix}")):
-                with contextlib.suppress(OSError):
-                    if NAME_PATTERN.match(path.name) and os.path.samefile(path, engine.file):
-                        backups.store.delete(path)
-                        found.append(path)
+            if linked:
+                assert live is not None
+                found += _second_names(backups, live)
+            for path in sorted(directory.glob(f"{KEPT_PREFIX}*")):
+                if path in found:
+                    continue
+                log.info(
+                    "%s is the database a restore replaced, not listed yet: listing it", path.name
+                )
+                info, _ = finish_kept(backups, path, progress or _quiet, Limits())
+                if info is not None:
+                    listed.append(info)
     except BackupInProgress:
-        return []
+        return [], []
     if found:
         log.info(
             "removed %s: the live database by a second name, left by a restore interrupted "
             "before its swap (the live database is as it was)",
             ", ".join(path.name for path in found),
         )
+    return found, listed
+
+
+def _second_names(backups: Backups, live: Path) -> list[Path]:
+    found = []
+    directory = backups.store.directory
+    for path in sorted(directory.iterdir()):
+        named = NAME_PATTERN.match(path.name) or path.name.startswith(KEPT_PREFIX)
+        with contextlib.suppress(OSError):
+            if named and os.path.samefile(path, live):
+                if path.name.startswith(KEPT_PREFIX):
+                    remove(path)
+                    fsync_directory(directory)
+                else:
+                    backups.store.delete(path)
+                found.append(path)
     return found
+
+
+def _quiet(phase: str, done: int, total: int | None) -> None:
+    pass
