@@ -30,6 +30,7 @@ from dbkeeper.plugins.database.health.checks import DatabaseHealth
 from dbkeeper.plugins.database.operations import Operations
 from tests.conftest import SettingsFactory
 from tests.support.backups import SkippingClock, add_users, listing, open_plugin
+from tests.support.care import wait_until
 from tests.support.hosts import free_port
 from tests.support.process import BotProcess, run_cli, write_config
 
@@ -65,13 +66,6 @@ def spoil_an_index(database: Path) -> None:
 
 def manifest(path: Path) -> dict[str, object]:
     return json.loads(manifest_path(path).read_text())
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -153,7 +147,7 @@ def test_the_full_check_runs_after_listing_on_the_kept_raw_copy_and_is_recorded(
     assert info.created_at - timedelta(seconds=1) <= quick <= full
     assert isinstance(written["phases"], dict) and "full check" in written["phases"]
     # The raw copy it was checked on is gone: the directory holds the backup alone.
-    wait_until(lambda: not checks.in_use())
+    wait_until(lambda: not checks.in_use(), 30, "the kept raw copy to go")
     assert listing(info.path.parent) == sorted(
         [*STATE_FILES, info.name, info.name + ".manifest.json"]
     )
