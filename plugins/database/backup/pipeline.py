@@ -303,7 +303,7 @@ class Backups:
             self.full_checks.drop_kept()
             for leftover in self.store.leftovers():  # we hold the directory: nobody writes them
                 remove(leftover)
-            created_at, stem = self.store.claim_time(self._clock, self._sleep)
+            created_at, stem = self.claim_name()
             log.info("backup %s (%s) started", stem, reason)
             started = time.monotonic()  # a same-second wait is not the backup's duration
             info = self._take(reason, created_at, stem, started, limits, progress, temporary)
@@ -319,7 +319,7 @@ class Backups:
             raise
         self._last_success_at = info.created_at
         self._last_duration = info.duration_seconds
-        self._rotate(info)
+        self.rotate(info)
         if info.pending_compression and not limits.stopped():
             self._compress_deferred(info, limits, progress)
         return self._current_info(info)
@@ -581,7 +581,12 @@ class Backups:
 
     # -- rotation -----------------------------------------------------------------------------
 
-    def _rotate(self, new: Backup) -> None:
+    def claim_name(self) -> tuple[datetime, str]:
+        """A backup's time and name stem no other file has (``BackupStore.claim_time``) on
+        this manager's clock."""
+        return self.store.claim_time(self._clock, self._sleep)
+
+    def rotate(self, new: Backup) -> None:
         protected = [self.restoring] if self.restoring is not None else []
         for old in to_rotate(self.store.entries(), new.reason, self.settings.keep, protected):
             try:

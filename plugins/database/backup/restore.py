@@ -204,7 +204,7 @@ def _set_aside(backups: Backups, engine: SqliteBackupEngine) -> Kept:
     engine.settle()
     store = backups.store
     store.ensure()
-    _, stem = store.claim_time(backups.now, backups._sleep)
+    _, stem = backups.claim_name()
     link = store.directory / f"{KEPT_PREFIX}{stem}{engine.raw_suffix}"
     engine.link_to(link)
     fsync_directory(store.directory)
@@ -246,8 +246,8 @@ def finish_kept(
             facts = examined.result()
     except InvalidBackup as error:
         return None, [_keep_damaged(backups, link, name, error)]
-    if store._taken(name.removesuffix(engine.raw_suffix)):  # a backup took its second since
-        created_at, stem = store.claim_time(backups.now, backups._sleep)
+    if store.taken(name.removesuffix(engine.raw_suffix)):  # a backup took its second since
+        created_at, stem = backups.claim_name()
         name = stem + engine.raw_suffix
     settings = backups.settings
     pending = settings.compression if size >= settings.compress_min_bytes else None
@@ -280,7 +280,7 @@ def finish_kept(
         size_text(info.size_bytes),
         time.monotonic() - started,
     )
-    backups._rotate(info)
+    backups.rotate(info)
     backups.full_checks.request()
     return info, []
 

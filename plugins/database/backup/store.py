@@ -121,11 +121,11 @@ class BackupStore:
         while True:
             now = clock()
             stem = self.stem(now)
-            if not self._taken(stem):
+            if not self.taken(stem):
                 return now, stem
             sleep(max(0.01, 1 - now.microsecond / 1e6))
 
-    def _taken(self, stem: str) -> bool:
+    def taken(self, stem: str) -> bool:
         if not self.directory.is_dir():
             return False
         return any(entry.name.startswith(stem + ".") for entry in os.scandir(self.directory))
