@@ -11,8 +11,6 @@ import logging
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -38,7 +36,7 @@ from tests.support.backups import (
     user_ids,
 )
 from tests.support.hosts import free_port
-from tests.support.process import REPO, run_cli, write_config
+from tests.support.process import run_cli, start_at_gate, write_config
 from tests.support.tmpfs import mounted_tmpfs
 
 pytestmark = pytest.mark.timeout(120)
@@ -374,24 +372,9 @@ def _with_five_more_users(tmp_path: Path) -> tuple[Path, str]:
 def _restore_stopped_at(moment: str, workdir: Path, name: str) -> Iterator[None]:
     """``dbkeeper backup restore NAME`` held at ``moment``; killed (SIGKILL) on leaving."""
     database = workdir / "data" / "bot.db"
-    environment = {**os.environ, "PYTHONPATH": str(REPO)}
-    environment.pop("DATABASE_URL", None)
-    restore = subprocess.Popen(
-        [sys.executable, "-c", GATED, moment, str(database), "backup", "restore", name, "--yes"],
-        cwd=workdir,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    args = [moment, str(database), "backup", "restore", name, "--yes"]
+    restore = start_at_gate(GATED, args, workdir, "the gate")
     try:
-        assert restore.stdout is not None
-        for line in restore.stdout:
-            if line.startswith("GATE:"):
-                break
-        else:
-            raise AssertionError(f"the restore ended before the gate: {restore.wait()}")
         yield
     finally:
         restore.send_signal(signal.SIGKILL)

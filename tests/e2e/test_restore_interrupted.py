@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ import pytest
 from dbkeeper.config import settings_from_mapping
 from tests.support.backups import add_users, listing, open_plugin, user_ids
 from tests.support.hosts import free_port
-from tests.support.process import REPO, BotProcess, run_cli, write_config
+from tests.support.process import BotProcess, run_cli, start_at_gate, write_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -90,24 +88,9 @@ def test_a_restore_killed_before_the_swap_leaves_the_database_in_place(
     workdir, name = gated_restore
     database, data, backups = workdir / "data" / "bot.db", workdir / "data", workdir / "backups"
     damaged = _damage(database)
-    environment = {**os.environ, "PYTHONPATH": str(REPO)}
-    environment.pop("DATABASE_URL", None)
-    restore = subprocess.Popen(
-        [sys.executable, "-c", GATED, str(database), "backup", "restore", name, "--yes"],
-        cwd=workdir,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    args = [str(database), "backup", "restore", name, "--yes"]
+    restore = start_at_gate(GATED, args, workdir, "its swap")
     try:
-        assert restore.stdout is not None
-        for line in restore.stdout:
-            if line.startswith("GATE:"):
-                break
-        else:
-            raise AssertionError(f"the restore ended before its swap: {restore.wait()}")
         # The dangerous moment: the verified copy is staged, the damaged database kept apart
         # (a second name in the backup directory; checked, and set aside, after the swap).
         [kept] = [n for n in listing(backups) if n.startswith(".dbkeeper-kept-")]

@@ -158,3 +158,25 @@ def run_cli(
     with BotProcess(args, cwd=cwd, env=env, program=program) as process:
         code = process.wait(timeout)
         return code, process.output
+
+
+def start_at_gate(script: str, args: Sequence[str], cwd: Path, what: str) -> subprocess.Popen[str]:
+    """``python -c script *args`` (the repository importable, no ``DATABASE_URL``), returned
+    once it printed its ``GATE:`` line and waits there; the caller kills it. ``what`` names the
+    gate in the error when the process ends before reaching it."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    environment.pop("DATABASE_URL", None)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        cwd=cwd,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("GATE:"):
+            return process
+    raise AssertionError(f"the process ended before {what}: {process.wait()}")
