@@ -290,11 +290,16 @@ class DatabasePlugin(Plugin):
             if self._backups_scheduled and self.context is not None:
                 # A takeover: the backups go on at the old leader's cadence (one interval after
                 # the newest), not at this instance's; until then an overdue one is expected.
+                # The job is rescheduled, not doubled: two timers would race for one lock.
                 interval = self.operations.backup_settings.interval_seconds
                 first = await asyncio.to_thread(self._first_backup_in, interval)
                 if self.health is not None:
                     self.health.takeover_backup_due = time.monotonic() + first
-                self.context.add_job(self._scheduled_backup, name=BACKUP_RETRY_JOB, first=first)
+                for name in (BACKUP_JOB, BACKUP_RETRY_JOB):
+                    self.context.remove_jobs(name)
+                self.context.add_job(
+                    self._scheduled_backup, name=BACKUP_JOB, interval=interval, first=first
+                )
         else:
             self._stepped_down.set()
 
