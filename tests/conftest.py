@@ -51,6 +51,16 @@ def _postgres_unavailable() -> str | None:
 REQUIRE_TOOLS = os.environ.get("DBKEEPER_REQUIRE_TOOLS") == "1"
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Write the package's bytecode once. The suite starts hundreds of ``dbkeeper`` processes;
+    under PYTHONDONTWRITEBYTECODE=1 (set on CI's machines) an editable install leaves none, and
+    each process compiled the package's ~80 modules again: 0.2-0.3 s of CPU apiece."""
+    import compileall
+
+    for package in ("bot", "plugins", "migrations"):
+        compileall.compile_dir(REPO / package, quiet=1)
+
+
 def require_tool(problem: str | None) -> None:
     """Skip, saying why, when a system tool (a browser, promtool, ...) is missing; fail
     instead with DBKEEPER_REQUIRE_TOOLS=1 (CI installs them: .ci/run)."""

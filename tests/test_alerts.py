@@ -186,6 +186,14 @@ def test_long_texts_are_split_at_line_ends_within_telegrams_limit() -> None:
     assert split_message("") == []
 
 
+def test_the_message_limit_is_telegrams() -> None:
+    from telegram.constants import MessageLimit
+
+    from dbkeeper.texts import MAX_MESSAGE_LENGTH
+
+    assert MAX_MESSAGE_LENGTH == MessageLimit.MAX_TEXT_LENGTH
+
+
 # -- delivery -----------------------------------------------------------------------------------
 
 

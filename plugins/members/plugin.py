@@ -16,12 +16,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import ClassVar
-
-from sqlalchemy.orm import Session
-from telegram import Update
-from telegram.constants import ParseMode
-from telegram.ext import CommandHandler, ContextTypes, TypeHandler
+from typing import TYPE_CHECKING, ClassVar
 
 from dbkeeper.config import setting
 from dbkeeper.plugin import Plugin, PluginContext
@@ -29,6 +24,13 @@ from dbkeeper.plugins.database import BOT_DATA_KEY
 from dbkeeper.texts import escape
 
 from .models import Chat, Event, User, metadata
+
+if TYPE_CHECKING:
+    # Every `dbkeeper` command imports each plugin's module (for its config section and its
+    # sub-commands): PTB, which only the running bot needs, is imported in ``setup``.
+    from sqlalchemy.orm import Session
+    from telegram import Update
+    from telegram.ext import ContextTypes
 
 log = logging.getLogger("dbkeeper.members")
 PUBLIC_COMMANDS = [("start", "Say hello"), ("help", "What I can do")]
@@ -58,6 +60,9 @@ class MembersPlugin(Plugin):
         self.settings = context.section(MembersSettings)
         if not context.telegram_enabled:
             return
+        from telegram import Update
+        from telegram.ext import CommandHandler, TypeHandler
+
         # Recording sees every update, in a group of its own: it never keeps another handler
         # (this plugin's or the bot's) from answering.
         context.add_handler(TypeHandler(Update, self.record, block=False), group=0)
@@ -119,7 +124,7 @@ class MembersPlugin(Plugin):
         if user is not None and self.context.is_admin(user.id):
             lines.append("<b>For admins</b> (dbkeeper keeps this bot's database alive)")
             lines += [f"/{c} — {escape(text)}" for c, text in self.context.admin_commands]
-        await message.reply_text("\n".join(lines), parse_mode=ParseMode.HTML, do_quote=False)
+        await message.reply_text("\n".join(lines), parse_mode="HTML", do_quote=False)
 
 
 plugin = MembersPlugin

@@ -29,8 +29,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from alembic import command
-from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, MetaData, event
 from sqlalchemy import exc as sa_exc
 
@@ -103,6 +101,8 @@ class Migrator:
     def current(self, connection: Connection | None = None) -> str | None:
         """The revision the database is at; None when it has no version yet."""
         with self._reading(connection) as conn:
+            from alembic.runtime.migration import MigrationContext
+
             heads = MigrationContext.configure(conn).get_current_heads()
         if len(heads) > 1:
             raise MigrationError(f"the database has several current revisions: {heads}")
@@ -268,6 +268,8 @@ class Migrator:
             event.listen(connection, "before_cursor_execute", seen)
             try:
                 with adopting():
+                    from alembic import command
+
                     command.current(self.config(connection))
             finally:
                 event.remove(connection, "before_cursor_execute", seen)

@@ -25,15 +25,18 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic.config import Config
-from alembic.script import Script, ScriptDirectory
 from sqlalchemy import Connection
 from sqlalchemy.engine import URL
 
 from ..errors import MigrationError
 from ..settings import EXAMPLE_SCRIPT_LOCATION, NO_MIGRATIONS
+
+if TYPE_CHECKING:
+    # Alembic (0.1 s to import) only when revisions are read: `backup list` never does.
+    from alembic.config import Config
+    from alembic.script import Script, ScriptDirectory
 
 # Alembic's Config reads values through configparser interpolation.
 _ESCAPE = str.maketrans({"%": "%%"})
@@ -114,6 +117,8 @@ class Revisions:
         metadata: Any = None,
     ) -> Config:
         """An Alembic ``Config`` for this directory; ``env.py`` finds what it needs in it."""
+        from alembic.config import Config
+
         config = Config(stdout=io.StringIO())
         config.set_main_option("script_location", str(self.location).translate(_ESCAPE))
         if url is not None:  # for env.py files made by `alembic init`
@@ -128,6 +133,8 @@ class Revisions:
     @property
     def script(self) -> ScriptDirectory:
         if self._script is None:
+            from alembic.script import ScriptDirectory
+
             self._script = ScriptDirectory.from_config(self.config())
         return self._script
 

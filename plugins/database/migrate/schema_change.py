@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alembic import command
 from sqlalchemy import Connection, inspect
 from sqlalchemy import exc as sa_exc
 
@@ -332,6 +331,8 @@ class SchemaChange:
             attempt_id = self.history.start(
                 conn, direction="baseline", attempt=1, **_row_fields(revision)
             )
+            from alembic import command
+
             command.stamp(self.migrator.config(conn), revision.id)
             self.history.finish(conn, attempt_id, success=True, execution_ms=_ms_since(started))
         log.info("adopted the database at %s (%s)", revision.name, revision.label)
@@ -468,6 +469,8 @@ class SchemaChange:
             self.history.finish(conn, attempt_id, success=True, execution_ms=_ms_since(started))
 
     def _alembic(self, conn: Connection | None, revision: Revision, direction: str) -> None:
+        from alembic import command
+
         config = self.migrator.config(conn)
         with adopting():  # an env.py's own engine is dbkeeper's while it migrates
             if direction == "upgrade":

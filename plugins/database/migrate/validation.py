@@ -18,8 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from alembic.autogenerate import compare_metadata
-from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, MetaData, inspect
 
 from .bookkeeping import is_bookkeeping
@@ -73,6 +71,9 @@ def validate(
     if metadata is None:
         report.compared = False
     else:
+        from alembic.autogenerate import compare_metadata
+        from alembic.runtime.migration import MigrationContext
+
         context = MigrationContext.configure(
             connection,
             opts={
