@@ -170,6 +170,29 @@ def test_every_backup_is_uploaded_verified_and_rotated_off_site(tmp_path: Path) 
     assert not status.failing and status.failures_total == 0
 
 
+def test_off_site_rotation_keeps_the_copy_whose_full_check_passed_after_its_upload(
+    tmp_path: Path,
+) -> None:
+    """A copy is uploaded before its backup's full check ends; the check's outcome reaches the
+    local manifest only. Rotation off-site follows it: the newest fully checked backup stays
+    there as it stays here."""
+    remote = tmp_path / "other-disk"
+    remote.mkdir()
+    url = f"sqlite:///{tmp_path / 'data' / 'bot.db'}"
+    ops = ops_for(tmp_path, url, SkippingClock(), url=f"file://{remote}")
+    add_users(ops, 10)
+    first = ops.backup("manual").backup
+    uploaded = json.loads((remote / "backups" / f"{first.name}.manifest.json").read_text())
+    assert uploaded["full_check"] == "pending"
+    assert ops.backups.verify(first.name)[0].ok  # the full check passes, here, after the upload
+    later = [ops.backup("manual").backup.name for _ in range(2)]
+    ops.close()
+    # keep = 2, plus the newest fully checked backup: here and off-site alike.
+    assert sorted(local_names(tmp_path)) == sorted([first.name, *later])
+    stored = [n for n in os.listdir(remote / "backups") if not n.endswith(".manifest.json")]
+    assert sorted(stored) == sorted([first.name, *later])
+
+
 def test_an_unmounted_disk_is_not_written_to(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'data' / 'bot.db'}"
     ops = ops_for(tmp_path, url, url=f"file://{tmp_path / 'not-mounted'}")

@@ -377,8 +377,8 @@ def test_a_new_machine_started_before_its_restore_keeps_the_old_copies(
     origins, output = _origins(new)
     assert {name: origins[name] for name in old_copies} == dict.fromkeys(old_copies, "unknown")
     own = [name for name, origin in origins.items() if origin == "here"]
-    # Its newest 3 (keep = 3), and beyond them the newest copy whose manifest says fully
-    # checked, when the newest were uploaded before their full check (rotation keeps it).
+    # Its newest 3 (keep = 3), and beyond them the newest fully checked one when the newest
+    # three's full checks had not ended at the last rotation (rotation keeps it, here and there).
     newest = sorted(own, reverse=True)[:3]
     assert len(own) in (3, 4) and min(newest) > max(old_copies), origins
     assert output.splitlines()[-1] == (

@@ -603,7 +603,7 @@ class OffsiteCopies:
         mine = [copy for copy in listing.copies if copy.name in owned]
         copied = {_stem(copy.name) for copy in listing.copies}  # never overwrite anyone's
         local = [b for b in self.backups.list() if _stem(b.name) not in copied]
-        doomed = self._doomed([copy.backup for copy in mine] + local, status)
+        doomed = self._doomed(self._as_checked_here(mine) + local, status)
         pending = [b for b in local if b.name not in doomed]
         uploaded: list[OffsiteCopy] = []
         failure: str | None = None
@@ -672,6 +672,26 @@ class OffsiteCopies:
         if any(b.reason in ROUTINE_REASONS and b.created_at > adopted_at for b in backups):
             return frozenset()
         return frozenset([status.adopted_from])
+
+    def _as_checked_here(self, copies: Sequence[OffsiteCopy]) -> list[Backup]:
+        """The copies' records with their full check as it stands here. A copy is uploaded
+        before its backup's full check ends, and only the local manifest learns the outcome;
+        a copy whose backup is gone here keeps what its own manifest says."""
+        here = {_stem(backup.name): backup for backup in self.backups.list()}
+        records = []
+        for copy in copies:
+            local = here.get(_stem(copy.name))
+            records.append(
+                copy.backup
+                if local is None
+                else replace(
+                    copy.backup,
+                    full_check=local.full_check,
+                    full_check_at=local.full_check_at,
+                    full_check_problem=local.full_check_problem,
+                )
+            )
+        return records
 
     def _doomed(self, backups: Sequence[Backup], status: OffsiteStatus) -> set[str]:
         """Names the rotation would remove from ``backups`` (both pools; this setup's only)."""
@@ -775,7 +795,7 @@ class OffsiteCopies:
         """The local rotation policy over this setup's ``copies``; plus what failed uploads
         and replaced copies left behind."""
         rotated = []
-        for name in sorted(self._doomed([copy.backup for copy in copies], status)):
+        for name in sorted(self._doomed(self._as_checked_here(copies), status)):
             copy = next(copy for copy in copies if copy.name == name)
             storage.delete(key_of_manifest(name))  # the copy is gone from listings first
             storage.delete(copy.object_key)
