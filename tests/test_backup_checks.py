@@ -16,6 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -152,6 +153,36 @@ def test_the_full_check_runs_after_listing_on_the_kept_raw_copy_and_is_recorded(
         [*STATE_FILES, info.name, info.name + ".manifest.json"]
     )
     assert ops.backups.verify(info.name)[0].ok
+
+
+def test_verify_records_its_full_check_either_way(
+    make_ops, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``backup verify`` is a full check: a pending backup it finds damaged is marked so (a
+    restore refuses it); a backup marked failed that passes now (the same bytes: the earlier
+    failure was a read error) is no longer damaged, and the log says why."""
+    ops = make_ops(compression="zstd", compress_min_bytes=0, keep=5)
+    add_users(ops, 50)
+    good = ops.backups.create("manual")
+    spoil_an_index(_file(ops))
+    bad = ops.backups.create("manual")
+    assert good.full_check == bad.full_check == "pending"
+
+    [checked] = ops.backups.verify(bad.name)
+    assert not checked.ok and "missing from index" in str(checked.problem)
+    assert manifest(bad.path)["full_check"] == "failed"
+    listed = ops.backups.scan()
+    assert [b.name for b in listed.backups] == [good.name]
+    assert [d.name for d in listed.damaged] == [bad.name]
+
+    ops.backups.store.update(replace(good, full_check="failed", full_check_problem="EIO"))
+    assert sorted(d.name for d in ops.backups.scan().damaged) == sorted([bad.name, good.name])
+    with caplog.at_level("WARNING"):
+        assert ops.backups.verify(good.name)[0].ok
+    written = manifest(good.path)
+    assert written["full_check"] == "passed" and written["full_check_problem"] is None
+    assert [d.name for d in ops.backups.scan().damaged] == [bad.name]
+    assert "the earlier one failed (EIO) on the same bytes" in caplog.text
 
 
 async def test_a_backup_failing_only_the_full_check_is_listed_then_marked_damaged(

@@ -647,6 +647,8 @@ class Backups:
                 )
         except (InvalidBackup, CorruptData) as error:
             log.warning("verification of %s failed: %s", path.name, error)
+            if manifest is not None and manifest.full_check != "failed":
+                info = self._record_full_check(manifest, str(error))  # damaged from now on
             return VerifyResult(path.name, False, str(error), info, time.monotonic() - started)
         except OSError as error:
             raise BackupError(
@@ -656,16 +658,29 @@ class Backups:
             ) from error
         finally:
             remove(scratch)
-        if manifest is not None and manifest.full_check == "pending":
-            info = self.store.update(
-                replace(
-                    manifest,
-                    full_check="passed",
-                    full_check_at=self._clock().isoformat(timespec="seconds"),
+        if manifest is not None and manifest.full_check != "passed":
+            if manifest.full_check == "failed":
+                log.warning(
+                    "%s passes its full check now; the earlier one failed (%s) on the same "
+                    "bytes (its checksum matches): that failure was the machine's (a read error, "
+                    "memory?), not the file's. It is no longer marked damaged.",
+                    path.name,
+                    manifest.full_check_problem,
                 )
-            )
+            info = self._record_full_check(manifest, None)
         log.info("verified %s in %.2fs", path.name, time.monotonic() - started)
         return VerifyResult(path.name, True, None, info, time.monotonic() - started)
+
+    def _record_full_check(self, manifest: Backup, problem: str | None) -> Backup:
+        """What ``backup verify`` found, in the manifest: a verification is a full check."""
+        return self.store.update(
+            replace(
+                manifest,
+                full_check="failed" if problem else "passed",
+                full_check_at=self._clock().isoformat(timespec="seconds"),
+                full_check_problem=problem,
+            )
+        )
 
     # -- housekeeping -------------------------------------------------------------------------
 
