@@ -53,3 +53,20 @@ def test_commands_that_neither_chat_nor_migrate_import_neither_ptb_nor_alembic(
 def test_the_probe_sees_what_a_migration_loads(tmp_path: Path) -> None:
     """The probe above would pass on a broken import hook too: a migration must load Alembic."""
     assert loaded_by(tmp_path, "db", "migrate") == {"code": 0, "heavy": ["alembic"]}
+
+
+def test_checks_on_several_threads_import_alembic_once(tmp_path: Path) -> None:
+    """`dbkeeper health` runs its checks on threads at once, and three of them need Alembic
+    first thing: imported by each on its own, two deadlocked (``_DeadlockError``) or one saw a
+    half-initialized module, nearly every run."""
+
+    def dbkeeper(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "dbkeeper", *args]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    assert dbkeeper("db", "migrate").returncode == 0
+    for _ in range(3):
+        done = dbkeeper("health")
+        output = done.stdout + done.stderr
+        assert "database_migrations" in output, output
+        assert "Deadlock" not in output and "ImportError" not in output, output

@@ -36,6 +36,7 @@ from ..engines import adopting, create_database_engine, database_url
 from ..errors import MigrationError, MigrationInterrupted, SchemaTooNew
 from ..retry import RetryPolicy, describe_error
 from ..settings import DatabaseSettings, MigrationSettings
+from .alembic_import import load_alembic
 from .history import Attempt, MigrationHistory, MigrationStats
 from .outcomes import AppliedStep, MigrationReport, MigrationStatus
 from .revisions import Revision, Revisions
@@ -101,6 +102,7 @@ class Migrator:
     def current(self, connection: Connection | None = None) -> str | None:
         """The revision the database is at; None when it has no version yet."""
         with self._reading(connection) as conn:
+            load_alembic()
             from alembic.runtime.migration import MigrationContext
 
             heads = MigrationContext.configure(conn).get_current_heads()
@@ -268,6 +270,7 @@ class Migrator:
             event.listen(connection, "before_cursor_execute", seen)
             try:
                 with adopting():
+                    load_alembic()
                     from alembic import command
 
                     command.current(self.config(connection))

@@ -32,6 +32,7 @@ from sqlalchemy.engine import URL
 
 from ..errors import MigrationError
 from ..settings import EXAMPLE_SCRIPT_LOCATION, NO_MIGRATIONS
+from .alembic_import import load_alembic
 
 if TYPE_CHECKING:
     # Alembic (0.1 s to import) only when revisions are read: `backup list` never does.
@@ -117,6 +118,7 @@ class Revisions:
         metadata: Any = None,
     ) -> Config:
         """An Alembic ``Config`` for this directory; ``env.py`` finds what it needs in it."""
+        load_alembic()
         from alembic.config import Config
 
         config = Config(stdout=io.StringIO())
@@ -133,6 +135,7 @@ class Revisions:
     @property
     def script(self) -> ScriptDirectory:
         if self._script is None:
+            load_alembic()
             from alembic.script import ScriptDirectory
 
             self._script = ScriptDirectory.from_config(self.config())

@@ -23,6 +23,7 @@ from ..engines import SQLITE_BEGIN, adopting
 from ..errors import MigrationError, MigrationInterrupted, UnmanagedDatabase
 from ..locks import MIGRATION_LOCK_ID, AdvisoryLock, FileLock, acquire, migration_lock
 from ..retry import describe_error, is_transient
+from .alembic_import import load_alembic
 from .bookkeeping import BOOKKEEPING_TABLES
 from .history import INTERRUPTED, Attempt, utcnow
 from .outcomes import AppliedStep, MigrationReport, MigrationStatus
@@ -331,6 +332,7 @@ class SchemaChange:
             attempt_id = self.history.start(
                 conn, direction="baseline", attempt=1, **_row_fields(revision)
             )
+            load_alembic()
             from alembic import command
 
             command.stamp(self.migrator.config(conn), revision.id)
@@ -469,6 +471,7 @@ class SchemaChange:
             self.history.finish(conn, attempt_id, success=True, execution_ms=_ms_since(started))
 
     def _alembic(self, conn: Connection | None, revision: Revision, direction: str) -> None:
+        load_alembic()
         from alembic import command
 
         config = self.migrator.config(conn)

@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import Connection, MetaData, inspect
 
+from .alembic_import import load_alembic
 from .bookkeeping import is_bookkeeping
 from .revisions import Revision
 
@@ -71,6 +72,7 @@ def validate(
     if metadata is None:
         report.compared = False
     else:
+        load_alembic()
         from alembic.autogenerate import compare_metadata
         from alembic.runtime.migration import MigrationContext
 
