@@ -27,7 +27,8 @@ from tests.support.user_project import (
     make_venv,
 )
 
-pytestmark = pytest.mark.timeout(300)
+# One worker runs the whole module (pytest-xdist): its module-scoped fixture starts once.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("test_user_project")]
 ADMIN, STRANGER = 4201, 6666
 
 
