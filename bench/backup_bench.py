@@ -220,7 +220,8 @@ def warm(path: Path) -> None:
 class Run:
     wall: float  # seconds, start to exit
     cpu: float  # user + system seconds of the process tree
-    rss: int  # bytes, the largest process of the tree (sampled every POLL)
+    rss: int  # bytes, the largest VmHWM of a process of the tree (sampled every POLL)
+    anon: int  # bytes, the largest RssAnon of a process of the tree (sampled every POLL)
     others: float  # CPU seconds of every other process meanwhile
     disk: int  # bytes: how far the free space fell below its level at the start
     marks: dict[str, float] = field(default_factory=dict)  # event -> seconds from the start
@@ -257,14 +258,18 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def peak_rss(pid: int) -> int:
-    """The largest peak RSS (``VmHWM``) of one process of the tree, in bytes. Not
-    ``ru_maxrss``: a child forked from this large process inherits its size until exec."""
+def largest(pid: int, field: str) -> int:
+    """The largest ``field`` of ``/proc/PID/status`` over the process tree, in bytes.
+
+    ``VmHWM``: the peak RSS (not ``ru_maxrss``: a child forked from this large process inherits
+    its size until exec); it counts the mapped pages of an mmap'ed file, which are page cache.
+    ``RssAnon``: the process's own memory now (sampled, so a peak between samples is missed).
+    """
     peak = 0
     for member in descendants(pid):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{member}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     peak = max(peak, int(line.split()[1]) * 1024)
     return peak
 
@@ -329,9 +334,10 @@ def measure(
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    rss = 0
+    rss = anon = 0
     while True:
-        rss = max(rss, peak_rss(process.pid))  # before wait4: the process is still there
+        rss = max(rss, largest(process.pid, "VmHWM"))  # before wait4: the process is there
+        anon = max(anon, largest(process.pid, "RssAnon"))
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             break
@@ -343,7 +349,7 @@ def measure(
     reader.join()
     cpu = usage.ru_utime + usage.ru_stime
     others = max(0.0, machine_busy() - busy - cpu)
-    run = Run(wall, cpu, rss, others, disk.stop(), marks, cpu_marks)
+    run = Run(wall, cpu, rss, anon, others, disk.stop(), marks, cpu_marks)
     run.output = "".join(output)
     if process.returncode != 0:
         raise RuntimeError(f"{command!r} failed ({process.returncode}):\n{run.output[-3000:]}")
@@ -769,15 +775,18 @@ def run_size(size_mb: int, out: Path, rounds: int, postgres: bool) -> list[str]:
             f"{in_process_ratio} | {target} |"
         )
     lines.append("")
-    lines.append("| run | wall (median; all) | CPU | others' CPU | peak RSS | disk peak |")
-    lines.append("|---|---|---:|---:|---:|---:|")
+    lines.append(
+        "| run | wall (median; all) | CPU | others' CPU | peak RSS | own memory | disk peak |"
+    )
+    lines.append("|---|---|---:|---:|---:|---:|---:|")
     for contender in contenders:
         runs = contender.results
         each = ", ".join(f"{r.wall:.2f}" for r in runs)
         lines.append(
             f"| {cell(contender.name)} | {median([r.wall for r in runs]):.2f} s ({each}) | "
             f"{median([r.cpu for r in runs]):.2f} s | {median([r.others for r in runs]):.2f} s | "
-            f"{gb(max(r.rss for r in runs))} | {gb(max(r.disk for r in runs))} |"
+            f"{gb(max(r.rss for r in runs))} | {gb(max(r.anon for r in runs))} | "
+            f"{gb(max(r.disk for r in runs))} |"
         )
     lines.append("")
     for key, label in (("zstd", "zstd"), ("none", "uncompressed"), ("pg", "PostgreSQL")):

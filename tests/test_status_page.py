@@ -88,6 +88,31 @@ async def test_the_page_says_when_its_data_is_stale(
         host.monitor.last = report
 
 
+async def test_each_backup_shows_its_full_check_and_a_damaged_one_is_named(
+    sqlite_url: str, make_settings: SettingsFactory
+) -> None:
+    import asyncio
+    import dataclasses
+
+    settings = make_settings(sqlite_url, health={"http_port": free_port()})
+    async with running_host(settings) as (host, plugin):
+        backups = plugin.operations.backups
+        taken = [await plugin.backup_now() for _ in range(2)]
+        for backup in taken:
+            await asyncio.to_thread(backups.full_checks.wait_for, backup.name, 30)
+        damaged = dataclasses.replace(taken[0], full_check="failed", full_check_problem="x")
+        await asyncio.to_thread(backups.store.update, damaged)
+        status, _, page = await get(host, "/")
+    assert status == 200
+    row = page[page.index(f"<code>{taken[1].name}</code>") :].split("</tr>", 1)[0]
+    assert "<td>✓</td>" in row  # passed its full check
+    assert f"<code>{taken[0].name}</code>" not in page  # not listed among the sound ones...
+    assert (  # ...but named
+        "Failed the full integrity check, marked damaged (kept, never restored): "
+        f"{taken[0].name}" in page
+    )
+
+
 async def test_no_secret_and_no_users_data_on_the_page(
     sqlite_url: str, make_settings: SettingsFactory
 ) -> None:
@@ -209,7 +234,15 @@ async def test_the_page_shows_the_off_site_copies_and_the_replication_lag(
     assert "Replication" in seen["sections"]
     assert str(seen["offsite"]).startswith(f"Off-site (file://{tmp_path / 'offsite'}/backups): ")
     assert "| 1 copy |" in str(seen["offsite"])
-    assert seen["headers"] == ["name", "reason", "taken", "size", "schema", "off-site"]
+    assert seen["headers"] == [
+        "name",
+        "reason",
+        "taken",
+        "size",
+        "schema",
+        "full check",
+        "off-site",
+    ]
     assert seen["copied"] == ["✓"]  # the one backup, copied off-site
     assert seen["marks"] == 1
     series, limit, text = seen["lag"]  # type: ignore[misc]

@@ -95,6 +95,7 @@ class StatusSections:
             f"<td class='hide-narrow'>{html.escape(_when(b.created_at))}</td>"
             f"<td class='num'>{megabytes(b.size_bytes)}</td>"
             f"<td class='num'>v{b.schema_version}</td>"
+            f"<td>{'✓' if b.fully_checked else html.escape(b.full_check)}</td>"
             + (f"<td>{'✓' if b.name in off_site else '—'}</td>" if copies is not None else "")
             + "</tr>"
             for b in backups[:BACKUPS_SHOWN]
@@ -113,6 +114,12 @@ class StatusSections:
                 f"{duration(now - stats.last_failure.at.timestamp())} ago: "
                 f"{html.escape(stats.last_failure.error[:300])}</p>"
             )
+        if stats.full_check_failed:
+            names = ", ".join(b.name for b in stats.full_check_failed)
+            failure += (
+                f"<p class='status-unhealthy'>Failed the full integrity check, marked damaged "
+                f"(kept, never restored): {html.escape(names)}</p>"
+            )
         if copies is not None:
             assert offsite is not None
             state = "status-unhealthy" if copies.failing else ""
@@ -126,8 +133,8 @@ class StatusSections:
             f"<p>{summary}</p>{failure}"
             + timeline(marks, start=start, end=now, title="backups over time")
             + "<table><tr><th>name</th><th>reason</th><th class='hide-narrow'>taken</th>"
-            f"<th>size</th><th>schema</th>{where}</tr>"
-            + (rows or "<tr><td colspan=6 class=empty>none yet</td></tr>")
+            f"<th>size</th><th>schema</th><th>full check</th>{where}</tr>"
+            + (rows or "<tr><td colspan=7 class=empty>none yet</td></tr>")
             + "</table>"
         )
 
