@@ -25,8 +25,7 @@ from dbkeeper.plugins.database.settings import OffsiteSettings
 from tests.support.backups import SkippingClock, add_users, listing, open_plugin, user_ids
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, S3Server, running_s3
 
-# One worker runs the whole module (pytest-xdist): its module-scoped fixture starts once.
-pytestmark = [pytest.mark.timeout(120), pytest.mark.xdist_group("test_offsite")]
+pytestmark = pytest.mark.timeout(120)
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
 
 

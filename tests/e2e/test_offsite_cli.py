@@ -23,8 +23,7 @@ from tests.support.hosts import free_port
 from tests.support.process import REPO, BotProcess, run_cli, write_config
 from tests.support.s3 import S3Server, running_s3
 
-# One worker runs the whole module (pytest-xdist): its module-scoped fixture starts once.
-pytestmark = [pytest.mark.timeout(180), pytest.mark.xdist_group("test_offsite_cli")]
+pytestmark = pytest.mark.timeout(180)
 # Distinctive values: found anywhere they must not be, the test says where.
 ACCESS_KEY = "AKIAOFFSITE0TEST0KEY"
 SECRET_KEY = "offsite-secret/0123456789+abcdefghijklmnopqrst"

@@ -31,8 +31,7 @@ from tests.support.hosts import free_port, running_host
 from tests.support.process import BotProcess, run_cli, write_config
 from tests.support.s3 import S3Server, running_s3
 
-# One worker runs the whole module (pytest-xdist): its module-scoped fixture starts once.
-pytestmark = [pytest.mark.timeout(120), pytest.mark.xdist_group("test_replication")]
+pytestmark = pytest.mark.timeout(120)
 ACCESS_KEY = "replication-e2e-access"
 SECRET = "replication-e2e-secret-Wx93kq0pZ"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET}

@@ -27,8 +27,7 @@ from tests.support.user_project import (
     make_venv,
 )
 
-# One worker runs the whole module (pytest-xdist): its module-scoped fixture starts once.
-pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("test_user_project")]
+pytestmark = pytest.mark.timeout(300)
 ADMIN, STRANGER = 4201, 6666
 
 
