@@ -35,4 +35,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3001/livez', timeout=4)"]
 
 ENTRYPOINT ["dbkeeper"]
-CMD ["--config", "/data/config.toml", "run"]
+# From /data: its config.toml when there is one, the built-in defaults and the environment
+# (TELEGRAM_BOT_TOKEN, DATABASE_URL, DBKEEPER_HTTP_*) otherwise.
+CMD ["run"]

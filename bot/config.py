@@ -198,7 +198,9 @@ class HealthSettings:
     http_host: str = setting(
         "127.0.0.1", doc="address of the health HTTP API", env="DBKEEPER_HTTP_HOST"
     )
-    http_port: int = setting(3001, port, doc="port of the health HTTP API")
+    http_port: int = setting(
+        3001, port, doc="port of the health HTTP API", env="DBKEEPER_HTTP_PORT"
+    )
     http_token: str = setting(
         "",
         doc=(
@@ -451,7 +453,9 @@ def settings_from_mapping(
         for f in dataclasses.fields(cls):
             variable = f.metadata.get("env")
             if variable and (environ or {}).get(variable):
-                values[f.name] = (environ or {})[variable]
+                value = (environ or {})[variable]
+                # An environment variable is text: a number is read as one (a port, say).
+                values[f.name] = int(value) if f.type in (int, "int") and value.isdigit() else value
                 from_env[(name, f.name)] = variable
                 explicit.add((name, f.name))
         return _build_section(name, cls, values, label, from_env)

@@ -118,6 +118,22 @@ def test_errors_never_show_secrets() -> None:
 def test_environment_errors_name_the_variable() -> None:
     with pytest.raises(ConfigError, match="environment: DATABASE_URL"):
         settings_from_mapping({}, environ={"DATABASE_URL": "oracle://x"})
+    with pytest.raises(
+        ConfigError, match=r'environment: DBKEEPER_HTTP_PORT .*expected an integer, got "web"'
+    ):
+        settings_from_mapping({}, environ={"DBKEEPER_HTTP_PORT": "web"})
+
+
+def test_the_health_server_is_placed_by_the_environment_in_a_container() -> None:
+    settings = settings_from_mapping(
+        {},
+        environ={
+            "DBKEEPER_HTTP_HOST": "0.0.0.0",
+            "DBKEEPER_HTTP_PORT": "8080",
+            "DBKEEPER_HTTP_TOKEN": "a-token-for-the-network-0123",
+        },
+    )
+    assert (settings.health.http_host, settings.health.http_port) == ("0.0.0.0", 8080)
 
 
 def test_invalid_toml_and_missing_explicit_file(tmp_path: Path) -> None:

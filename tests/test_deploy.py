@@ -162,7 +162,7 @@ def test_the_dockerfile_runs_as_a_user_with_a_volume_and_a_graceful_stop() -> No
     assert docker["STOPSIGNAL"] == "SIGTERM"
     assert "/livez" in docker["HEALTHCHECK"]
     assert json.loads(docker["ENTRYPOINT"]) == ["dbkeeper"]
-    assert json.loads(docker["CMD"]) == ["--config", "/data/config.toml", "run"]
+    assert json.loads(docker["CMD"]) == ["run"]  # /data/config.toml when it is there
 
 
 def _child_of(pid: int, timeout: float = 10) -> int:
@@ -185,17 +185,16 @@ def test_the_containers_command_as_pid_1_stops_gracefully_with_a_final_backup(
     data = tmp_path / "data"
     data.mkdir()
     port = free_port()
-    write_config(data / "config.toml", {"health": {"http_port": port}})
+    # No config.toml: the image starts on the defaults and its environment (the volume holds
+    # a config only when the operator puts one there).
     command = [*json.loads(docker["ENTRYPOINT"]), *json.loads(docker["CMD"])]
-    command = [
-        str(data / "config.toml") if part == "/data/config.toml" else part for part in command
-    ]
     token = "container-token-0123456789"
     image_env = dict(line.split("=", 1) for line in docker["ENV"].splitlines())
     assert image_env["DBKEEPER_HTTP_HOST"] == "0.0.0.0"
     env = {
         **image_env,
         "DBKEEPER_HTTP_TOKEN": token,
+        "DBKEEPER_HTTP_PORT": str(port),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     # --kill-child: a failing test that kills unshare takes dbkeeper (its PID 1) with it

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from dbkeeper.app import build_application
@@ -218,10 +219,17 @@ async def test_database_checks_give_the_contract_messages(
         )
         assert report.checks["database_backups"].values["last_success_timestamp_seconds"] > 0
 
-        await add_chats(plugin, 1234)
-        # PostgreSQL's live-tuple counts reach the statistics views within ~10 s of going idle;
-        # ANALYZE refreshes the planner's estimate (what autovacuum does on a busy table).
-        await plugin.database.run(lambda s: s.execute(text("ANALYZE")))
+        # PostgreSQL's live-tuple counts reach the statistics views when the inserting session
+        # flushes them (up to ~10 s idle); ANALYZE sets the planner's estimate (what autovacuum
+        # does on a busy table). In the inserting transaction itself, PostgreSQL subtracts that
+        # session's pending counts: ANALYZE run on another pooled session counted them twice
+        # once they were flushed (2,468; seen under load).
+        def insert_and_analyze(session: Session) -> None:
+            session.add_all([Chat(id=i, type="group") for i in range(1, 1235)])
+            session.flush()
+            session.execute(text("ANALYZE"))
+
+        await plugin.database.run(insert_and_analyze)
 
         async def counted() -> bool:
             report = await host.monitor.check()
