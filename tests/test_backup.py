@@ -91,6 +91,9 @@ def test_backup_is_compressed_verified_described_and_private(
     assert (manifest["reason"], manifest["compression"]) == ("manual", codec)
     assert manifest["schema_version"] == 3 and manifest["schema_revision"] == "0003"
     assert manifest["tables"]["users"] == 200 and manifest["tables"]["schema_migrations"] == 3
+    # Counted as the health check counts (4 tables, the users' rows): dbkeeper's bookkeeping
+    # is backed up but never counted.
+    assert (len(info.bot_tables), info.rows) == (4, 200)
     assert manifest["created_at"].endswith("+00:00")
     # Any standard tool reads it, and it holds the rows.
     copy = decompressed(info.path, tmp_path / "copy.db")

@@ -312,7 +312,7 @@ def format_backup(info: Backup) -> str:
         f"✅ Backup <code>{escape(info.name)}</code>\n"
         f"{megabytes(info.size_bytes)} ({escape(info.compression)}) in "
         f"{info.duration_seconds:.1f}s · schema v{info.schema_version} · "
-        f"{len(info.tables)} tables, {info.rows:,} rows\n"
+        f"{len(info.bot_tables)} tables, {info.rows:,} rows\n"
         f"Verified: {checked}, sha256 <code>{info.sha256[:16]}</code>…"
     )
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..locks import open_private
-from ..migrate.bookkeeping import UNCOUNTED_TABLES
+from ..migrate.bookkeeping import BOOKKEEPING_TABLES
 
 MANIFEST_SUFFIX = ".manifest.json"
 FORMAT = 1
@@ -77,9 +77,16 @@ class Backup:
         return f"passed {moment}" if moment else "passed (inline)"
 
     @property
+    def bot_tables(self) -> dict[str, int]:
+        """The bot's tables and their rows, as the health check and /dbstats count them:
+        dbkeeper's bookkeeping tables (migration history, version, size samples, ...) are
+        backed up and verified like any table, but not counted."""
+        return {t: n for t, n in self.tables.items() if t not in BOOKKEEPING_TABLES}
+
+    @property
     def rows(self) -> int:
-        """The database's rows (dbkeeper's size history left out: ``UNCOUNTED_TABLES``)."""
-        return sum(n for table, n in self.tables.items() if table not in UNCOUNTED_TABLES)
+        """The rows of the bot's tables (``bot_tables``)."""
+        return sum(self.bot_tables.values())
 
     def at(self, path: Path) -> Backup:
         """The same record, for the file at ``path``."""

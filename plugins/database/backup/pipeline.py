@@ -867,7 +867,7 @@ class Backups:
             info.reason,
             packed,
             info.schema_version,
-            len(info.tables),
+            len(info.bot_tables),
             f"{info.rows:,}",
             info.duration_seconds,
             phases,

@@ -105,7 +105,7 @@ def describe(info: Any) -> str:
     rows = f"{info.rows:,} rows" if info.tables else "rows not counted"
     return (
         f"{info.name}: {size(info.size_bytes)} ({info.compression}), {info.reason}, taken "
-        f"{when(info.created_at)}, schema v{info.schema_version}, {len(info.tables)} tables, "
+        f"{when(info.created_at)}, schema v{info.schema_version}, {len(info.bot_tables)} tables, "
         f"{rows}"
     )
 

@@ -78,9 +78,6 @@ REPLICATION_TABLES = frozenset({"_litestream_seq", "_litestream_lock"})
 BOOKKEEPING_TABLES = (
     frozenset({HISTORY_TABLE, VERSION_TABLE, LEADER_TABLE, SIZE_TABLE}) | REPLICATION_TABLES
 )
-# Backed up and verified like any table, but not counted in a backup's rows: every health check
-# adds to them, so the count would change between two backups of the same data.
-UNCOUNTED_TABLES = frozenset({SIZE_TABLE})
 
 
 def is_bookkeeping(name: str) -> bool:
