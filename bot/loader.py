@@ -56,7 +56,26 @@ def plugin_classes(
                 f"{_where(cls)}); load only one of them"
             )
         names[cls.name] = cls
+    _check_orders(list(unique), label)
     return sorted(unique, key=lambda cls: cls.order)  # stable: found order within an order
+
+
+def _check_orders(classes: Sequence[type[Plugin]], label: str) -> None:
+    """Order 0 is the database plugin's, and nothing comes before it: every other plugin
+    starts after the database is ready and stops before it closes."""
+    for cls in classes:
+        if cls.order < 0:
+            raise ConfigError(
+                f"{label}: plugin {cls.name!r} ({_where(cls)}) has order {cls.order}: orders "
+                "start at 0, the database plugin's (first to start, last to stop); use 1 or more"
+            )
+    first = [cls for cls in classes if cls.order == 0]
+    if len(first) > 1:
+        named = " and ".join(f"{cls.name!r} ({_where(cls)})" for cls in first)
+        raise ConfigError(
+            f"{label}: plugins {named} both have order 0, the database plugin's (first to "
+            "start, last to stop); give the other one 1 or more"
+        )
 
 
 def _load(spec: str, what: str, label: str) -> type[Plugin]:

@@ -79,7 +79,8 @@ class Plugin:
 
     #: Unique among the loaded plugins; names its handler group and its log lines.
     name: ClassVar[str] = "plugin"
-    #: Lower starts earlier and stops later. The database plugin is 0; features use 100.
+    #: Lower starts earlier and stops later. 0 is the database plugin's alone (a plugin with
+    #: 0 or less beside it stops startup); features use 100.
     order: ClassVar[int] = 100
     #: Configuration sections this plugin owns: ``{"backup": BackupSettings}``.
     sections: ClassVar[Mapping[str, type]] = {}

@@ -184,6 +184,32 @@ def test_a_bad_plugin_section_stops_startup_with_one_line(project: Path) -> None
     assert not (project / "data").exists()
 
 
+@pytest.mark.parametrize(
+    ("order", "expected"),
+    [
+        (
+            0,
+            "plugins 'database' (dbkeeper.plugins.database.plugin:DatabasePlugin) and 'extra' "
+            "(extra:ExtraPlugin) both have order 0, the database plugin's",
+        ),
+        (-5, "plugin 'extra' (extra:ExtraPlugin) has order -5: orders start at 0"),
+    ],
+)
+def test_no_plugin_starts_before_the_database_plugin(
+    project: Path, order: int, expected: str
+) -> None:
+    """The database plugin is first to start and last to stop: a plugin that claims its
+    place is refused with one line, before anything starts."""
+    source = EXTRA_PLUGIN.replace(
+        '    name = "extra"\n', f'    name = "extra"\n    order = {order}\n'
+    )
+    (project / "extra.py").write_text(source)
+    _config(project)
+    code, output = run_cli(["run"], cwd=project)
+    assert code == 2 and expected in output and len(output.strip().splitlines()) == 1, output
+    assert not (project / "data").exists()
+
+
 def _imports(path: Path) -> Iterator[str]:
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
