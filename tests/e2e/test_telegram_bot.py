@@ -118,7 +118,17 @@ def test_admin_commands_answer_and_strangers_get_nothing(
         bot.wait_for_line(f"refused /dbstats from user {STRANGER} in chat -100999")
         assert api.sent_messages(STRANGER) == [] and api.sent_messages(-100999) == []
         assert _backups(tmp_path) == before
+        # The members feature greets anyone on /start; a stranger's /help has no admin command.
+        api.push_command("/start", user_id=STRANGER)
+        greeting = api.wait_for_message("dbkeeper keeps alive", chat_id=STRANGER)["text"]
+        assert greeting.startswith("Hello, ")
+        api.push_command("/help", user_id=STRANGER)
+        public_help = api.wait_for_message("/start", chat_id=STRANGER)["text"]
+        assert "/backup" not in public_help and "/dbstats" not in public_help
         assert bot.stop() == 0
+    with sqlite3.connect(tmp_path / "data" / "bot.db") as connection:
+        members = {row[0] for row in connection.execute("SELECT id FROM users")}
+    assert {ADMIN, STRANGER} <= members  # everyone the bot saw is recorded
     assert DEFAULT_TOKEN not in bot.output and TOKEN_SECRET not in bot.output
 
 
