@@ -168,6 +168,41 @@ async def test_get_api_queries_json_and_the_metric(
     assert 'dbkeeper_query_duration_seconds_bucket{le="+Inf",operation="insert"} 3.0' in metrics
 
 
+async def test_dbkeepers_own_statements_are_never_listed(
+    sqlite_url: str, make_settings: SettingsFactory
+) -> None:
+    """Migrations ran, health checks, a backup, a flush: /api/queries lists the bot's own
+    statement and nothing of dbkeeper's (its probes and bookkeeping use other engines)."""
+    settings = make_settings(sqlite_url, health={"http_port": free_port()})
+    async with running_host(settings) as (host, plugin):
+        await plugin.database.run(
+            lambda session: session.execute(
+                text("INSERT INTO users (id, first_name) VALUES (1, 'x')")
+            )
+        )
+        await plugin.backup_now()
+        await host.monitor.check()
+        status, body, _ = await get(host, "/api/queries?limit=500")
+    assert status == 200
+    # The write transaction's BEGIN IMMEDIATE is the bot's too: its time is the wait for the
+    # write lock, which a handler pays.
+    assert sorted(q["query"] for q in body["queries"]) == [
+        "BEGIN IMMEDIATE",
+        "INSERT INTO users (id, first_name) VALUES (?)",
+    ]
+
+
+def test_a_long_statement_is_cut_in_its_shape_but_not_merged_with_another() -> None:
+    from dbkeeper.plugins.database.care.queries import MAX_SQL_CHARS, shape_of
+
+    columns = ", ".join(f"c{i}" for i in range(400))
+    one = shape_of(f"SELECT {columns} FROM users WHERE id = 5")
+    other = shape_of(f"SELECT {columns} FROM chats WHERE id = 5")
+    assert len(one.text) == MAX_SQL_CHARS and one.text.endswith("…")
+    assert one.text.startswith("SELECT c0, c1, c2") and one.text == other.text
+    assert one.key != other.key  # the same first 1,000 characters, two shapes
+
+
 def test_a_burst_of_10000_distinct_statements_does_not_grow_memory(
     tmp_path, make_settings: SettingsFactory
 ) -> None:
