@@ -45,6 +45,12 @@ async def test_the_page_shows_checks_backups_and_a_chart_in_a_real_browser(
                 assert sizes, "no size chart"
                 sections = [page.text(f"section:nth-of-type({i}) h2") for i in range(2, 6)]
                 assert {"Size and growth", "Slowest queries", "Backups"} <= set(sections)
+                # Everything it loaded came from the bot itself: it works with no network.
+                loaded = page.script(
+                    "return performance.getEntriesByType('resource').map(r => r.name)"
+                )
+                origin = f"http://127.0.0.1:{host.http.port}/"
+                assert all(str(name).startswith(origin) for name in loaded), loaded
                 return checks, backups, charts, title, header, shot
 
         import asyncio
