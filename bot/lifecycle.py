@@ -66,6 +66,7 @@ EXIT_OK = 0
 EXIT_STARTUP_FAILED = 1
 TELEGRAM_RETRY_MAX_SECONDS = 60.0
 LONG_POLL_SECONDS = 10.0  # PTB's default getUpdates timeout
+LONG_POLL_SPARE_SECONDS = 0.5  # a long poll ends this long before a standby may poll
 
 
 class StopRequest:
@@ -281,25 +282,40 @@ async def _serve_webhook(host: Host) -> None:
     )
 
 
+def polling_pace(margin: float) -> tuple[dt.timedelta, float]:
+    """(getUpdates' long-poll timeout, the pause between requests) for an election margin.
+
+    A long poll sent just before the lease runs out must end before a standby may poll, so it
+    lasts less than the margin (half a second to spare for the request's own way). The Bot API
+    takes whole seconds: under a margin of 1.5 s there is no long poll at all, and the requests
+    are spaced by half the margin instead (PTB's ``poll_interval``).
+    """
+    seconds = math.floor(min(LONG_POLL_SECONDS, margin - LONG_POLL_SPARE_SECONDS))
+    if seconds >= 1:
+        return dt.timedelta(seconds=seconds), 0.0
+    return dt.timedelta(0), margin / 2
+
+
 async def _poll_while_leading(host: Host) -> None:
     """Polling mode: Telegram serves one getUpdates poller per token (a second gets 409
     Conflict), so only the leader polls; a standby starts when it takes over.
 
     Each getUpdates asks the election first (``gate_updates``): a leader whose lease ran out
     sends none, even before it has stopped polling. A long poll lasts at most the election's
-    margin, so one still open when a leader stopped confirming ends before a standby polls."""
+    margin (``polling_pace``), so one still open when a leader stopped confirming ends before a
+    standby polls."""
     updater = host.application.updater
     assert updater is not None
     gate_updates(host.application, lambda: host.is_leader)
-    # Whole seconds, as the Bot API takes them (at least 1).
-    seconds = max(1, math.floor(min(LONG_POLL_SECONDS, host.leadership.margin_seconds)))
-    long_poll = dt.timedelta(seconds=seconds)
+    long_poll, pause = polling_pace(host.leadership.margin_seconds)
 
     async def follow(is_leader: bool) -> None:
         if host.state in ("stopping", "stopped"):
             return  # shutdown stops the updater itself; never start polling again
         if is_leader and not updater.running:
-            await updater.start_polling(timeout=long_poll, error_callback=_log_polling_error)
+            await updater.start_polling(
+                timeout=long_poll, poll_interval=pause, error_callback=_log_polling_error
+            )
             log.info("taking updates from Telegram (polling)")
         elif not is_leader and updater.running:
             await updater.stop()

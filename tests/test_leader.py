@@ -355,3 +355,19 @@ async def test_polling_runs_in_the_background(database_url: str, elect: Factory)
     await second.start()
     await first.stop()
     await wait_for(lambda: second.is_leader, "the standby to take over", 10)
+
+
+@pytest.mark.parametrize("poll", [0.5, 1.0, 2.0, 5.0, 30.0])
+def test_the_last_long_poll_of_a_leader_ends_before_a_standby_may_poll(poll: float) -> None:
+    """A leader may send getUpdates until ``step_down`` after its last renewal; that request
+    must be answered before ``takeover``, when a standby may poll (else Telegram answers 409).
+    With P = 0.5 the Bot API's one-second minimum broke this: the paused-leader test saw a 409
+    about one run in ten."""
+    from dbkeeper.lifecycle import LONG_POLL_SPARE_SECONDS, polling_pace
+    from dbkeeper.plugins.database.leadership import LeaseTimes
+
+    times = LeaseTimes(poll)
+    long_poll, pause = polling_pace(times.takeover - times.step_down)
+    last_answer = times.step_down + long_poll.total_seconds()
+    assert last_answer <= times.takeover - LONG_POLL_SPARE_SECONDS
+    assert pause >= 0 and (long_poll.total_seconds() >= 1 or pause > 0)  # never a busy loop
