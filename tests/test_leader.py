@@ -362,7 +362,7 @@ def test_the_last_long_poll_of_a_leader_ends_before_a_standby_may_poll(poll: flo
     """A leader may send getUpdates until ``step_down`` after its last renewal; that request
     must be answered before ``takeover``, when a standby may poll (else Telegram answers 409).
     With P = 0.5 the Bot API's one-second minimum broke this: the paused-leader test saw a 409
-    about one run in ten."""
+    in a clean-clone CI run."""
     from dbkeeper.lifecycle import LONG_POLL_SPARE_SECONDS, polling_pace
     from dbkeeper.plugins.database.leadership import LeaseTimes
 
