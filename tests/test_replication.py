@@ -1,4 +1,5 @@
-"""Replication with the real Litestream, to a file:// replica, in the real host.
+"""Replication with the real Litestream, to a file:// replica (and, for a snapshot while
+replicating and a killed Litestream, to SeaweedFS too), in the real host.
 
 What a user would see: the child process and its arguments, the generated files and their
 modes, the replica's files, rows restored from it, log lines and alerts, the health check.
@@ -18,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from dbkeeper.plugins.database.offsite.replica import Replica, Window, replica_f
 from tests.conftest import SettingsFactory
 from tests.support.backups import add_users, sqlite_user_ids
 from tests.support.hosts import build_host, free_port, running_host
+from tests.support.s3 import ACCESS_KEY, SECRET_KEY, S3Server, running_s3
 
 pytestmark = pytest.mark.timeout(90)
 SECRET = "replication-test-secret-Zq8x1"
@@ -49,6 +52,40 @@ def replicated(tmp_path: Path, sqlite_url: str, make_settings: SettingsFactory) 
     return make_settings(
         sqlite_url,
         offsite={"url": f"file://{tmp_path / 'offsite'}"},
+        replication={"enabled": True, "sync_interval_seconds": 0.2, "max_lag_seconds": 3},
+        health={"http_port": free_port()},
+    )
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """SeaweedFS on 127.0.0.1, started only for the tests that replicate to S3."""
+    with running_s3(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture(params=["directory", "seaweedfs"])
+def replicated_anywhere(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    sqlite_url: str,
+    make_settings: SettingsFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Settings:
+    """``replicated``, to a directory or to a bucket of its own on the S3 server."""
+    if request.param == "directory":
+        (tmp_path / "offsite").mkdir()
+        offsite = {"url": f"file://{tmp_path / 'offsite'}"}
+    else:
+        server: S3Server = request.getfixturevalue("s3")
+        bucket = f"replica-{uuid.uuid4().hex[:12]}"
+        server.create_bucket(bucket)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        offsite = {"url": f"s3://{bucket}/bot", "endpoint": server.endpoint}
+    return make_settings(
+        sqlite_url,
+        offsite=offsite,
         replication={"enabled": True, "sync_interval_seconds": 0.2, "max_lag_seconds": 3},
         health={"http_port": free_port()},
     )
@@ -323,23 +360,25 @@ def full_snapshots(window: Window, database_bytes: int) -> list[LtxFile]:
 
 
 async def test_backups_while_replicating_cause_no_new_snapshot(
-    replicated: Settings, tmp_path: Path
+    replicated_anywhere: Settings, tmp_path: Path
 ) -> None:
-    async with running_host(replicated) as (_, plugin):
+    async with running_host(replicated_anywhere) as (_, plugin):
         add_users(plugin.operations, 3000, text_size=1000)  # about 3 MB
-        await caught_up(replicated, plugin, tmp_path)
+        await caught_up(replicated_anywhere, plugin, tmp_path)
         size = plugin.database.file.stat().st_size
 
         async def snapshot_taken() -> bool:  # Litestream's first, a second after its start
-            return bool((await asyncio.to_thread(replica(replicated, plugin).window)).snapshots)
+            return bool(
+                (await asyncio.to_thread(replica(replicated_anywhere, plugin).window)).snapshots
+            )
 
         await until(snapshot_taken, "the first snapshot", 15)
-        before = await asyncio.to_thread(replica(replicated, plugin).window)
+        before = await asyncio.to_thread(replica(replicated_anywhere, plugin).window)
         for round_ in range(3):
             add_users(plugin.operations, 50, start=10_000 + 100 * round_, text_size=1000)
             await plugin.backup_now("manual", wait=True)
-        await caught_up(replicated, plugin, tmp_path)
-        after = await asyncio.to_thread(replica(replicated, plugin).window)
+        await caught_up(replicated_anywhere, plugin, tmp_path)
+        after = await asyncio.to_thread(replica(replicated_anywhere, plugin).window)
     assert full_snapshots(after, size) == full_snapshots(before, size)
     new = [f for f in after.files if f not in before.files and f.level == 0]
     assert new and sum(f.size for f in new) < size // 4, [f.size for f in new]
@@ -349,9 +388,9 @@ async def test_backups_while_replicating_cause_no_new_snapshot(
 
 
 async def test_killed_litestream_is_restarted_and_alerted_once(
-    replicated: Settings, tmp_path: Path, caplog
+    replicated_anywhere: Settings, tmp_path: Path, caplog
 ) -> None:
-    async with running_host(replicated) as (host, plugin):
+    async with running_host(replicated_anywhere) as (host, plugin):
         for _kill in range(2):  # two crashes in a row: one episode, one alert
             pid = child_pid(plugin)
             os.kill(pid, signal.SIGKILL)
@@ -361,7 +400,7 @@ async def test_killed_litestream_is_restarted_and_alerted_once(
                 10,
             )
         add_users(plugin.operations, 20)
-        await caught_up(replicated, plugin, tmp_path)
+        await caught_up(replicated_anywhere, plugin, tmp_path)
         report = await host.monitor.check()
         assert report.checks["replication"].message.endswith("| 2 restarts")
     alerts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ALERT")]
