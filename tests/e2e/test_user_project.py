@@ -1,9 +1,10 @@
 """dbkeeper in someone else's bot, installed from a wheel into the bot's own environment.
 
-The bot has its own ``bot/`` and ``plugins/`` packages, an ``alembic init`` directory with two
-revisions, and embeds dbkeeper in a PTB ``Application`` of its own. Its schema is migrated and
-recorded, nothing of dbkeeper's example schema appears, backups and health work on its tables,
-and a restore inside the running bot hands the bot's database access the restored database.
+The bot has its own ``bot/`` and ``plugins/`` packages and a ``migrations/`` directory made by
+``alembic init`` with two revisions, and embeds dbkeeper in a PTB ``Application`` of its own.
+Its schema is migrated and recorded, nothing of dbkeeper's example schema appears, backups and
+health work on its tables, and a restore inside the running bot hands the bot's database access
+the restored database.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def test_the_bots_own_schema_is_migrated_recorded_backed_up_and_checked(
 
     code, output = run_cli(["db", "status"], cwd=project, program=dbkeeper)
     assert code == 0, output
-    assert "revisions: alembic" in output and "pending:   2" in output
+    assert "revisions: migrations" in output and "pending:   2" in output
     assert not (project / "data").exists()  # a read-only command created nothing
 
     code, output = run_cli(["db", "migrate"], cwd=project, program=dbkeeper)

@@ -1,5 +1,5 @@
 """A bot of someone else's, built the way its author would: its own ``bot/`` package (models),
-its own ``plugins/`` package (handler modules), an Alembic directory made by ``alembic init``
+its own ``plugins/`` package (handler modules), a ``migrations/`` directory made by ``alembic init``
 with two revisions (Alembic's hex ids), a ``bot.py`` that embeds dbkeeper, and a config.
 
 dbkeeper is installed into a virtual environment of its own from a wheel (not editable), as a
@@ -127,7 +127,8 @@ def make_project(root: Path, bin_dir: Path, *, admin: int, share_connection: boo
     (root / "plugins" / "handlers.py").write_text(HANDLERS)
     (root / "bot.py").write_text(BOT.replace("{ADMIN}", "{" + str(admin) + "}"))
     alembic = str(bin_dir / "alembic")
-    subprocess.run([alembic, "init", "alembic"], cwd=root, check=True, capture_output=True)
+    # `migrations/`, as many bots name it: dbkeeper installed leaves that name to the bot.
+    subprocess.run([alembic, "init", "migrations"], cwd=root, check=True, capture_output=True)
     for message, body in (("create notes", REVISION_ONE), ("note authors", REVISION_TWO)):
         created = subprocess.run(
             [alembic, "revision", "-m", message],
@@ -141,7 +142,7 @@ def make_project(root: Path, bin_dir: Path, *, admin: int, share_connection: boo
         assert count == 1, f"no empty upgrade() in {path}"
         path.write_text(source)
     if share_connection:
-        env = root / "alembic" / "env.py"
+        env = root / "migrations" / "env.py"
         source = env.read_text()
         marker = "def run_migrations_online() -> None:\n"
         head, _, tail = source.partition(marker)
@@ -154,7 +155,7 @@ def make_project(root: Path, bin_dir: Path, *, admin: int, share_connection: boo
 def configure(root: Path, **sections: dict[str, Any]) -> Path:
     values: dict[str, dict[str, Any]] = {
         "database": {"url": f"sqlite:///{root / 'data' / 'notes.db'}"},
-        "migrations": {"script_location": "alembic", "metadata": "bot.models:Base.metadata"},
+        "migrations": {"script_location": "migrations", "metadata": "bot.models:Base.metadata"},
         "backup": {"dir": str(root / "backups"), "interval_seconds": 3600},
     }
     for name, extra in sections.items():
