@@ -50,6 +50,11 @@ def size(value: float) -> str:
     return f"{value:.1f} GB"
 
 
+def counted(number: int, noun: str) -> str:
+    """``1 table``, ``4 tables``, ``1,234 records``: a count and its noun, singular for one."""
+    return f"{number:,} {noun}" if number == 1 else f"{number:,} {noun}s"
+
+
 def escape(value: object) -> str:
     """A value made safe to put inside HTML parse-mode text."""
     return html.escape(str(value), quote=False)

@@ -186,6 +186,17 @@ def test_long_texts_are_split_at_line_ends_within_telegrams_limit() -> None:
     assert split_message("") == []
 
 
+def test_a_count_of_one_is_singular() -> None:
+    from dbkeeper.texts import counted
+
+    assert [counted(n, "table") for n in (0, 1, 4, 1234)] == [
+        "0 tables",
+        "1 table",
+        "4 tables",
+        "1,234 tables",
+    ]
+
+
 def test_the_message_limit_is_telegrams() -> None:
     from telegram.constants import MessageLimit
 

@@ -71,4 +71,4 @@ def test_unhealthy_exits_2_with_the_contract_json(tmp_path: Path) -> None:
         "status": "unhealthy",
         "message": "v0 (3 pending): 0001, 0002, 0003 (head v3)",
     }
-    assert body["checks"]["database"]["message"] == "Schema v0 | 1 tables | 0 records"
+    assert body["checks"]["database"]["message"] == "Schema v0 | 1 table | 0 records"

@@ -21,7 +21,7 @@ from telegram.ext import ContextTypes
 
 from dbkeeper.health import HealthReport, Status
 from dbkeeper.plugin import PluginContext
-from dbkeeper.texts import duration, escape, megabytes, split_message
+from dbkeeper.texts import counted, duration, escape, megabytes, split_message
 
 from .backup.manifest import Backup
 from .backup.pipeline import BackupStats
@@ -203,8 +203,8 @@ def format_dbstats(
         f"last {last}, {migrations.total_ms:,} ms in total"
     )
     lines.append(
-        f"Size {megabytes(stats.size_bytes)} · {overview.tables} tables · "
-        f"≈{overview.records:,} records"
+        f"Size {megabytes(stats.size_bytes)} · {counted(overview.tables, 'table')} · "
+        f"≈{counted(overview.records, 'record')}"
     )
     ranked = sorted(overview.records_per_table.items(), key=lambda item: (-item[1], item[0]))
     for name, records in ranked[:TABLES_SHOWN]:
@@ -312,7 +312,7 @@ def format_backup(info: Backup) -> str:
         f"✅ Backup <code>{escape(info.name)}</code>\n"
         f"{megabytes(info.size_bytes)} ({escape(info.compression)}) in "
         f"{info.duration_seconds:.1f}s · schema v{info.schema_version} · "
-        f"{len(info.bot_tables)} tables, {info.rows:,} rows\n"
+        f"{counted(len(info.bot_tables), 'table')}, {counted(info.rows, 'row')}\n"
         f"Verified: {checked}, sha256 <code>{info.sha256[:16]}</code>…"
     )
 

@@ -11,7 +11,7 @@ import time
 from datetime import UTC, datetime
 
 from dbkeeper.charts import Mark, timeline
-from dbkeeper.texts import duration, megabytes
+from dbkeeper.texts import counted, duration, megabytes
 
 from .backup.pipeline import Backups
 from .backup.retention import SAFETY_REASONS
@@ -60,8 +60,8 @@ class StatusSections:
         overview = stats.overview
         return (
             f"<p>Schema <b>{html.escape(status.current_name)}</b> ({pending}) · "
-            f"{megabytes(stats.size_bytes)} · {overview.tables} tables · "
-            f"≈{overview.records:,} records</p>"
+            f"{megabytes(stats.size_bytes)} · {counted(overview.tables, 'table')} · "
+            f"≈{counted(overview.records, 'record')}</p>"
             "<table><tr><th>revision</th><th>direction</th><th>result</th>"
             "<th class='hide-narrow'>started</th><th>took</th><th>description / error</th></tr>"
             f"{rows or '<tr><td colspan=6 class=empty>no migration yet</td></tr>'}</table>"

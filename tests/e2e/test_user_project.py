@@ -92,7 +92,7 @@ def test_the_bots_own_schema_is_migrated_recorded_backed_up_and_checked(
 
     code, output = run_cli(["health", "--json"], cwd=project, program=dbkeeper)
     report = json.loads(output[output.index("{") :])
-    assert report["checks"]["database"]["message"] == "Schema v2 | 1 tables | 1 records"
+    assert report["checks"]["database"]["message"] == "Schema v2 | 1 table | 1 record"
     assert report["checks"]["database_migrations"]["message"] == "v2 (0 pending)"
     assert report["checks"]["database_backups"]["message"].startswith("1 backup |")
 
@@ -126,7 +126,7 @@ def test_the_embedded_bot_answers_first_and_a_restore_hands_it_the_restored_data
         # dbkeeper's admin commands answer the admin, on the bot's own schema.
         api.push_command("/health", user_id=ADMIN)
         health = api.wait_for_message(lambda m: "database_migrations" in m["text"], ADMIN)
-        assert "Schema v2 | 1 tables" in health["text"] and "v2 (0 pending)" in health["text"]
+        assert "Schema v2 | 1 table" in health["text"] and "v2 (0 pending)" in health["text"]
         api.push_command("/health", user_id=STRANGER)
         bot.wait_for_line(f"refused /health from user {STRANGER}")
 

@@ -50,7 +50,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dbkeeper.plugin import Deadline
-from dbkeeper.texts import size
+from dbkeeper.texts import counted, size
 
 from ..errors import BackupError, BackupInProgress, InvalidBackup, describe_error
 from ..locks import UnsafePath, acquire
@@ -862,13 +862,13 @@ class Backups:
         else:
             packed = f"{size(info.size_bytes)} ({info.compression})"
         log.info(
-            "backup %s (%s): %s, schema v%d, %d tables, %s rows; verified in %.2fs (%s)",
+            "backup %s (%s): %s, schema v%d, %s, %s; verified in %.2fs (%s)",
             info.name,
             info.reason,
             packed,
             info.schema_version,
-            len(info.bot_tables),
-            f"{info.rows:,}",
+            counted(len(info.bot_tables), "table"),
+            counted(info.rows, "row"),
             info.duration_seconds,
             phases,
         )

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dbkeeper.cli.context import EXIT_ERROR, CliContext, fails_plainly
-from dbkeeper.texts import size
+from dbkeeper.texts import counted, size
 
 from ..errors import BackupError
 from ..offsite.checks import summary as offsite_summary
@@ -102,11 +102,11 @@ class ProgressReport:
 
 
 def describe(info: Any) -> str:
-    rows = f"{info.rows:,} rows" if info.tables else "rows not counted"
+    rows = counted(info.rows, "row") if info.tables else "rows not counted"
     return (
         f"{info.name}: {size(info.size_bytes)} ({info.compression}), {info.reason}, taken "
-        f"{when(info.created_at)}, schema v{info.schema_version}, {len(info.bot_tables)} tables, "
-        f"{rows}"
+        f"{when(info.created_at)}, schema v{info.schema_version}, "
+        f"{counted(len(info.bot_tables), 'table')}, {rows}"
     )
 
 

@@ -45,7 +45,7 @@ from sqlalchemy import Connection
 from dbkeeper.config import HealthSettings
 from dbkeeper.health import Outcome, Status, degraded, healthy, unhealthy
 from dbkeeper.plugin import PluginContext
-from dbkeeper.texts import MB, duration, megabytes
+from dbkeeper.texts import MB, counted, duration, megabytes
 
 from ..backup.pipeline import Backups, BackupStats
 from ..errors import DatabaseMissing
@@ -305,7 +305,8 @@ class DatabaseHealth:
             version = self.migrator.status(connection).current_version
         overview = self.probe.overview(connection)
         return healthy(
-            f"Schema v{version} | {overview.tables} tables | {overview.records:,} records",
+            f"Schema v{version} | {counted(overview.tables, 'table')} | "
+            f"{counted(overview.records, 'record')}",
             latency_ms=round_trip * 1000,
             values={
                 "round_trip_seconds": round_trip,

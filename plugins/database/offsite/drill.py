@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
+from dbkeeper.texts import counted
+
 from ..backup.engines.base import BackupEngine, Limits, no_progress
 from ..errors import DatabaseError
 from ..locks import open_private
@@ -48,8 +50,9 @@ class DrillResult:
     def describe(self) -> str:
         if self.ok:
             return (
-                f"restore drill ok at {self.at:%Y-%m-%d %H:%M} UTC: {self.tables} tables, "
-                f"{self.rows:,} rows, restored in {self.seconds:.1f}s"
+                f"restore drill ok at {self.at:%Y-%m-%d %H:%M} UTC: "
+                f"{counted(self.tables, 'table')}, {counted(self.rows, 'row')}, "
+                f"restored in {self.seconds:.1f}s"
             )
         return (
             f"restore drill FAILED at {self.at:%Y-%m-%d %H:%M} UTC, a restore from the replica "
