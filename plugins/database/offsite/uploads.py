@@ -301,6 +301,27 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
 
 
+def _as_checked_here(copies: Sequence[OffsiteCopy], kept_here: Sequence[Backup]) -> list[Backup]:
+    """The copies' records with their full check as the local backups ``kept_here`` have it. A
+    copy is uploaded before its backup's full check ends, and only the local manifest learns
+    the outcome; a copy whose backup is gone here keeps what its own manifest says."""
+    here = {_stem(backup.name): backup for backup in kept_here}
+    records = []
+    for copy in copies:
+        local = here.get(_stem(copy.name))
+        records.append(
+            copy.backup
+            if local is None
+            else replace(
+                copy.backup,
+                full_check=local.full_check,
+                full_check_at=local.full_check_at,
+                full_check_problem=local.full_check_problem,
+            )
+        )
+    return records
+
+
 def _stem(name: str) -> str:
     """``bot-db-2026-01-31_03-00-00`` of any of its file names (raw or compressed)."""
     return name.split(".", 1)[0]
@@ -602,8 +623,9 @@ class OffsiteCopies:
             )
         mine = [copy for copy in listing.copies if copy.name in owned]
         copied = {_stem(copy.name) for copy in listing.copies}  # never overwrite anyone's
-        local = [b for b in self.backups.list() if _stem(b.name) not in copied]
-        doomed = self._doomed(self._as_checked_here(mine) + local, status)
+        kept_here = self.backups.list()  # read once: the rotation below uses it too
+        local = [b for b in kept_here if _stem(b.name) not in copied]
+        doomed = self._doomed(_as_checked_here(mine, kept_here) + local, status)
         pending = [b for b in local if b.name not in doomed]
         uploaded: list[OffsiteCopy] = []
         failure: str | None = None
@@ -629,7 +651,7 @@ class OffsiteCopies:
         rotated: list[str] = []
         if deferred is None:
             try:
-                rotated = self._rotate(storage, mine, listing, status)
+                rotated = self._rotate(storage, mine, kept_here, listing, status)
             except (BackupError, OSError) as error:
                 failure = failure or f"rotating the copies in {self.where} failed: {_text(error)}"
         kept = [copy for copy in copies if copy.name not in rotated]
@@ -672,26 +694,6 @@ class OffsiteCopies:
         if any(b.reason in ROUTINE_REASONS and b.created_at > adopted_at for b in backups):
             return frozenset()
         return frozenset([status.adopted_from])
-
-    def _as_checked_here(self, copies: Sequence[OffsiteCopy]) -> list[Backup]:
-        """The copies' records with their full check as it stands here. A copy is uploaded
-        before its backup's full check ends, and only the local manifest learns the outcome;
-        a copy whose backup is gone here keeps what its own manifest says."""
-        here = {_stem(backup.name): backup for backup in self.backups.list()}
-        records = []
-        for copy in copies:
-            local = here.get(_stem(copy.name))
-            records.append(
-                copy.backup
-                if local is None
-                else replace(
-                    copy.backup,
-                    full_check=local.full_check,
-                    full_check_at=local.full_check_at,
-                    full_check_problem=local.full_check_problem,
-                )
-            )
-        return records
 
     def _doomed(self, backups: Sequence[Backup], status: OffsiteStatus) -> set[str]:
         """Names the rotation would remove from ``backups`` (both pools; this setup's only)."""
@@ -789,13 +791,14 @@ class OffsiteCopies:
         self,
         storage: ObjectStorage,
         copies: list[OffsiteCopy],
+        kept_here: Sequence[Backup],
         listing: OffsiteListing,
         status: OffsiteStatus,
     ) -> list[str]:
-        """The local rotation policy over this setup's ``copies``; plus what failed uploads
-        and replaced copies left behind."""
+        """The local rotation policy over this setup's ``copies`` (their full checks as
+        ``kept_here`` has them); plus what failed uploads and replaced copies left behind."""
         rotated = []
-        for name in sorted(self._doomed(self._as_checked_here(copies), status)):
+        for name in sorted(self._doomed(_as_checked_here(copies, kept_here), status)):
             copy = next(copy for copy in copies if copy.name == name)
             storage.delete(key_of_manifest(name))  # the copy is gone from listings first
             storage.delete(copy.object_key)
