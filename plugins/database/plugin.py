@@ -295,8 +295,7 @@ class DatabasePlugin(Plugin):
                 first = await asyncio.to_thread(self._first_backup_in, interval)
                 if self.health is not None:
                     self.health.takeover_backup_due = time.monotonic() + first
-                for name in (BACKUP_JOB, BACKUP_RETRY_JOB):
-                    self.context.remove_jobs(name)
+                self._unschedule_backups()
                 self.context.add_job(
                     self._scheduled_backup, name=BACKUP_JOB, interval=interval, first=first
                 )
@@ -384,11 +383,15 @@ class DatabasePlugin(Plugin):
         if self.uploads is not None and self._takes_routine_backups():
             self.uploads.request()  # what the last run left (its shutdown backup), compressed
 
-    async def _stop_backups(self) -> None:
-        """No more scheduled backups; background compression stops at its next chunk."""
+    def _unschedule_backups(self) -> None:
+        """No scheduled backup and no retry of one is left on the job queue."""
         if self.context is not None:
             for name in (BACKUP_JOB, BACKUP_RETRY_JOB):
                 self.context.remove_jobs(name)
+
+    async def _stop_backups(self) -> None:
+        """No more scheduled backups; background compression stops at its next chunk."""
+        self._unschedule_backups()
         self._backup_stop.set()
         # A running full check is interrupted (its backup stays pending: the next start runs
         # it), and the shutdown backup's is left pending: it is not in the shutdown budget.
