@@ -8,11 +8,12 @@ nor migrate must not pay for them.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.process import run_cli
 
 PROBE = """
 import json, runpy, sys
@@ -27,14 +28,8 @@ print("LOADED:" + json.dumps({"code": code, "heavy": heavy}))
 
 
 def loaded_by(tmp_path: Path, *args: str) -> dict[str, object]:
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    line = next(x for x in done.stdout.splitlines() if x.startswith("LOADED:"))
+    _, output = run_cli(args, cwd=tmp_path, program=[sys.executable, "-c", PROBE])
+    line = next(x for x in output.splitlines() if x.startswith("LOADED:"))
     result: dict[str, object] = json.loads(line.removeprefix("LOADED:"))
     return result
 
@@ -59,14 +54,8 @@ def test_checks_on_several_threads_import_alembic_once(tmp_path: Path) -> None:
     """`dbkeeper health` runs its checks on threads at once, and three of them need Alembic
     first thing: imported by each on its own, two deadlocked (``_DeadlockError``) or one saw a
     half-initialized module, nearly every run."""
-
-    def dbkeeper(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "dbkeeper", *args]
-        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-
-    assert dbkeeper("db", "migrate").returncode == 0
+    assert run_cli(["db", "migrate"], cwd=tmp_path)[0] == 0
     for _ in range(3):
-        done = dbkeeper("health")
-        output = done.stdout + done.stderr
+        _, output = run_cli(["health"], cwd=tmp_path)
         assert "database_migrations" in output, output
         assert "Deadlock" not in output and "ImportError" not in output, output
