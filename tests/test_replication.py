@@ -45,16 +45,23 @@ pytestmark = pytest.mark.timeout(90)
 SECRET = "replication-test-secret-Zq8x1"
 
 
+def replicated_to(
+    offsite: dict[str, str], sqlite_url: str, make_settings: SettingsFactory
+) -> Settings:
+    """SQLite, replicated every 0.2 s to ``[offsite]``."""
+    return make_settings(
+        sqlite_url,
+        offsite=offsite,
+        replication={"enabled": True, "sync_interval_seconds": 0.2, "max_lag_seconds": 3},
+        health={"http_port": free_port()},
+    )
+
+
 @pytest.fixture
 def replicated(tmp_path: Path, sqlite_url: str, make_settings: SettingsFactory) -> Settings:
     """SQLite, replicated every 0.2 s to a directory (another disk, in real life)."""
     (tmp_path / "offsite").mkdir()  # a mounted disk: the backups' copies go there too
-    return make_settings(
-        sqlite_url,
-        offsite={"url": f"file://{tmp_path / 'offsite'}"},
-        replication={"enabled": True, "sync_interval_seconds": 0.2, "max_lag_seconds": 3},
-        health={"http_port": free_port()},
-    )
+    return replicated_to({"url": f"file://{tmp_path / 'offsite'}"}, sqlite_url, make_settings)
 
 
 @pytest.fixture(scope="module")
@@ -67,28 +74,21 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 @pytest.fixture(params=["directory", "seaweedfs"])
 def replicated_anywhere(
     request: pytest.FixtureRequest,
-    tmp_path: Path,
     sqlite_url: str,
     make_settings: SettingsFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Settings:
     """``replicated``, to a directory or to a bucket of its own on the S3 server."""
     if request.param == "directory":
-        (tmp_path / "offsite").mkdir()
-        offsite = {"url": f"file://{tmp_path / 'offsite'}"}
-    else:
-        server: S3Server = request.getfixturevalue("s3")
-        bucket = f"replica-{uuid.uuid4().hex[:12]}"
-        server.create_bucket(bucket)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        offsite = {"url": f"s3://{bucket}/bot", "endpoint": server.endpoint}
-    return make_settings(
-        sqlite_url,
-        offsite=offsite,
-        replication={"enabled": True, "sync_interval_seconds": 0.2, "max_lag_seconds": 3},
-        health={"http_port": free_port()},
-    )
+        settings: Settings = request.getfixturevalue("replicated")
+        return settings
+    server: S3Server = request.getfixturevalue("s3")
+    bucket = f"replica-{uuid.uuid4().hex[:12]}"
+    server.create_bucket(bucket)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    offsite = {"url": f"s3://{bucket}/bot", "endpoint": server.endpoint}
+    return replicated_to(offsite, sqlite_url, make_settings)
 
 
 def replica(settings: Settings, plugin: DatabasePlugin) -> Replica:
