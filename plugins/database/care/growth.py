@@ -71,12 +71,15 @@ class Forecast:
     bytes_per_day: float | None  # None: not enough history yet
     full_at: datetime | None  # None: not growing, or the free space is not known
     needed_span_seconds: float
+    made_at: datetime  # the moment the forecast stands for (its newest point)
 
     @property
     def days_left(self) -> float | None:
+        """Days from the forecast's own moment (not the clock's now: the same forecast always
+        says the same thing, and a forecast is made for each check)."""
         if self.full_at is None:
             return None
-        return max(0.0, (self.full_at - datetime.now(UTC)).total_seconds() / 86400)
+        return max(0.0, (self.full_at - self.made_at).total_seconds() / 86400)
 
     @property
     def alarming(self) -> bool:
@@ -160,7 +163,7 @@ def forecast(
             seconds_left = disk_free_bytes / slope
             if seconds_left < 100 * 365 * 86400:
                 full_at = now + timedelta(seconds=seconds_left)
-    return Forecast(len(points), span, size_bytes, disk_free_bytes, rate, full_at, needed)
+    return Forecast(len(points), span, size_bytes, disk_free_bytes, rate, full_at, needed, now)
 
 
 class Growth:
